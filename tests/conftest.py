@@ -1,0 +1,39 @@
+"""Shared fixtures: one small synthetic world per test session (plus a COCO-OVD-named copy)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vild.synthetic.world import generate_world
+
+# synthetic shapes → COCO names: base shapes to OVD base names, novel shapes (arrow, heart, ring,
+# star) to OVD novel names, and two shapes to classes the OVD split drops
+COCO_NAME = {
+    "circle": "person", "square": "car", "triangle": "traffic light", "star": "cat", "heart": "dog",
+    "cross": "bicycle", "crescent": "kite", "ring": "umbrella", "arrow": "bus", "diamond": "bottle",
+    "ellipse": "chair", "semicircle": "stop sign", "hourglass": "tv", "bolt": "laptop",
+}
+DROPPED = {"traffic light", "stop sign"}
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> dict:
+    """The synthetic world (24 train / 12 val images, 128 px), generated once per session."""
+    return generate_world(str(tmp_path_factory.mktemp("world")), seed=0, num_train=24, num_val=12, image_size=128)
+
+
+@pytest.fixture(scope="session")
+def coco_ovd_world(world) -> dict:
+    """The world's COCO files with categories renamed to COCO names, so the 48/17 split applies."""
+    out = {}
+    for split in ("train", "val"):
+        data = json.loads(Path(world[f"coco_{split}"]).read_text())
+        for c in data["categories"]:
+            c["name"] = COCO_NAME[c["name"]]
+        path = Path(world["out_dir"]) / f"coco_ovd_{split}.json"
+        path.write_text(json.dumps(data))
+        out[f"coco_{split}"] = str(path)
+        out[f"images_{split}"] = world[f"images_{split}"]
+    return out

@@ -1,0 +1,53 @@
+import pytest
+
+from vild.config import CONFIGS_DIR, cfg_from_dict, get_cfg, load_config, resolve_config_path
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("SOLVER: {BASE_LR: 0.1, MAX_ITER: 10}\nMODEL: {VILD: {VARIANT: text}}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("_BASE_: base.yaml\nSOLVER: {MAX_ITER: 20}\n")
+    cfg = load_config(child, ["SOLVER.STEPS", "[5, 8]", "MODEL.VILD.DISTILL_WEIGHT", "2", "MODEL.MASK_ON", "False"])
+    assert cfg.SOLVER.BASE_LR == 0.1 and cfg.SOLVER.MAX_ITER == 20
+    assert cfg.MODEL.VILD.VARIANT == "text"
+    assert cfg.SOLVER.STEPS == [5, 8]
+    assert cfg.MODEL.VILD.DISTILL_WEIGHT == 2.0 and isinstance(cfg.MODEL.VILD.DISTILL_WEIGHT, float)
+    assert cfg.MODEL.MASK_ON is False
+
+
+def test_unknown_keys_are_errors_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("SOLVER: {BASE_LRR: 0.1}\n")
+    with pytest.raises(KeyError, match="SOLVER.BASE_LRR"):
+        load_config(bad)
+    with pytest.raises(KeyError, match="MODEL.VILD.TEMP"):
+        load_config(None, ["MODEL.VILD.TEMP", "0.1"])
+    with pytest.raises(ValueError, match="pairs"):
+        load_config(None, ["SOLVER.MAX_ITER"])
+
+
+def test_bare_config_name_resolves_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("vild_r50.yaml", "vild_r50_ensemble.yaml", "vild_r50_coco.yaml"):
+        assert resolve_config_path(name) == CONFIGS_DIR / name
+        load_config(name)
+    with pytest.raises(FileNotFoundError, match="known"):
+        resolve_config_path("nope.yaml")
+
+
+def test_paper_architecture_values():
+    cfg = load_config("vild_r50.yaml")
+    assert cfg.MODEL.BACKBONE.NAME == "resnet50"
+    assert cfg.MODEL.VILD.TEMPERATURE == 0.01 and cfg.MODEL.VILD.DISTILL_WEIGHT == 0.5
+    assert cfg.MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE == 300 and cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST == 0.5
+    assert cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS == [10.0, 10.0, 5.0, 5.0]
+    assert load_config("vild_r50_ensemble.yaml").MODEL.VILD.VARIANT == "ensemble"
+
+
+def test_checkpoint_config_round_trip():
+    cfg = get_cfg()
+    cfg.SOLVER.MAX_ITER = 7
+    d = cfg.to_dict()
+    d["REMOVED_KEY"] = 1
+    assert cfg_from_dict(d).SOLVER.MAX_ITER == 7

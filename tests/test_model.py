@@ -1,0 +1,227 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.ops import batched_nms, box_iou
+
+from vild.config import load_config
+from vild.modeling import build_model, ensemble_scores
+from vild.modeling.losses import distillation_loss
+from vild.modeling.postprocess import paste_masks, select_detections
+
+DIM = 32
+
+
+def tiny_model(variant="vild", **overrides):
+    opts = ["MODEL.VILD.VARIANT", variant]
+    for k, v in overrides.items():
+        opts += [k, str(v)]
+    torch.manual_seed(0)
+    return build_model(load_config("tiny_test.yaml", opts))
+
+
+def scene(h=96, w=160, seed=0):
+    """One image with two coloured rectangles, plus its target."""
+    g = torch.Generator().manual_seed(seed)
+    img = (torch.rand(3, h, w, generator=g) * 60).to(torch.uint8)
+    boxes = torch.tensor([[20.0, 10.0, 70.0, 50.0], [90.0, 40.0, 150.0, 90.0]])
+    masks = torch.zeros(2, h, w, dtype=torch.uint8)
+    for i, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
+        masks[i, y0:y1, x0:x1] = 1
+        img[i, y0:y1, x0:x1] = 230
+    target = {"boxes": boxes, "labels": torch.tensor([0, 1]), "masks": masks}
+    return img, target
+
+
+def vocab(k=3, seed=1):
+    return F.normalize(torch.randn(k, DIM, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def train(model, steps, images, targets, lr=0.02):
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    history = []
+    for _ in range(steps):
+        losses = model(images, targets)
+        total = sum(losses.values())
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        history.append({k: v.item() for k, v in losses.items()})
+    return history
+
+
+@pytest.mark.parametrize("variant", ["text", "vild", "ensemble"])
+def test_tiny_vild_losses_fall(variant):
+    # a larger distillation weight makes its fall visible in a few steps next to the classification loss
+    model = tiny_model(variant, **{"MODEL.VILD.DISTILL_WEIGHT": 2.0})
+    model.set_vocabulary(vocab(), torch.tensor([True, True, False]))
+    imgs, targets = [], []
+    for s in range(2):
+        img, t = scene(seed=s)
+        t["proposal_boxes"] = torch.tensor([[20.0, 10.0, 70.0, 50.0], [90.0, 40.0, 150.0, 90.0], [0, 0, 30, 30]])
+        t["proposal_embeds"] = vocab()  # a consistent teacher: the CLIP embedding of each box's class
+        t["proposal_valid"] = torch.ones(3, dtype=torch.bool)
+        imgs.append(img)
+        targets.append(t)
+    hist = train(model, 20, imgs, targets, lr=0.005)
+    totals = [sum(h.values()) for h in hist]
+    assert sum(totals[-3:]) / 3 < 0.7 * totals[0]
+    assert hist[-1]["loss_cls"] < hist[0]["loss_cls"]
+    assert ("loss_distill" in hist[0]) == (variant != "text")
+    if variant != "text":
+        assert hist[-1]["loss_distill"] < hist[0]["loss_distill"]
+
+
+def test_distillation_loss_zero_when_equal_and_grows():
+    e = vocab(5)
+    valid = torch.ones(5, dtype=torch.bool)
+    assert distillation_loss(e, e, valid).item() == pytest.approx(0.0, abs=1e-6)
+    near = distillation_loss(F.normalize(e + 0.05 * vocab(5, 2), dim=-1), e, valid)
+    far = distillation_loss(vocab(5, 3), e, valid)
+    assert 0 < near < far
+    # invalid (padding) rows do not count, and the mean is over valid rows only
+    mixed = torch.cat([e[:2], vocab(3, 4)])
+    assert distillation_loss(mixed, e, torch.tensor([True, True, False, False, False])).item() == pytest.approx(0.0, abs=1e-6)
+    one_off = distillation_loss(mixed[2:3], e[2:3], torch.tensor([True]))
+    assert distillation_loss(mixed, e, torch.tensor([True, True, True, False, False])) == pytest.approx(one_off / 3)
+
+
+def test_ensemble_matches_hand_computation():
+    p_t = torch.tensor([[0.6, 0.1, 0.3]])
+    p_i = torch.tensor([[0.2, 0.5, 0.3]])
+    base = torch.tensor([True, False, True])
+    lam = 2 / 3
+    out = ensemble_scores(p_t, p_i, base, lam)
+    want = [0.6 ** lam * 0.2 ** (1 - lam), 0.1 ** (1 - lam) * 0.5 ** lam, 0.3 ** lam * 0.3 ** (1 - lam)]
+    assert out[0].tolist() == pytest.approx(want, rel=1e-5)
+
+
+def test_inference_on_non_square_image_returns_original_frame(monkeypatch):
+    """Detections made in the resized network frame come back in the caller's frame, masks pasted there."""
+    model = tiny_model("text", **{"INPUT.TEST_SIZE": 224})
+    model.set_vocabulary(vocab(2))
+    model.eval()
+    img, t = scene(96, 160)
+    seen = {}
+
+    def fake_heads(features, proposals, image_sizes):
+        # the network sees the image with its longest side at TEST_SIZE; answer with the objects in that frame
+        seen["sizes"] = image_sizes
+        (h, w), = image_sizes
+        scale = torch.tensor([w / 160, h / 96, w / 160, h / 96])
+        n = len(t["boxes"])
+        return [{"boxes": t["boxes"] * scale, "scores": torch.tensor([0.9, 0.8]), "labels": t["labels"],
+                 "mask_probs": torch.ones(n, 28, 28)}]
+
+    monkeypatch.setattr(model.roi_heads, "forward_test", fake_heads)
+    with torch.no_grad():
+        out = model([img])[0]
+    assert seen["sizes"] == [(134, 224)]
+    assert torch.allclose(out["boxes"], t["boxes"], atol=1e-4)
+    assert out["masks"].shape == (2, 96, 160) and out["masks"].dtype == torch.bool
+    assert torch.equal(out["masks"], t["masks"].bool())
+    assert out["scores"].shape == (2,) and out["labels"].dtype == torch.int64
+
+
+def test_real_heads_keep_boxes_inside_a_non_square_image():
+    model = tiny_model("ensemble", **{"INPUT.TEST_SIZE": 224})
+    model.set_vocabulary(vocab(3), torch.tensor([True, False, True]))
+    model.eval()
+    img, _ = scene(96, 160)
+    with torch.no_grad():
+        out = model([img, img[:, :50]])
+    for o, (h, w) in zip(out, [(96, 160), (50, 160)]):
+        n = len(o["boxes"])
+        assert 0 < n <= 50
+        assert o["masks"].shape == (n, h, w)
+        assert (o["boxes"][:, 0::2] <= w + 1e-3).all() and (o["boxes"][:, 1::2] <= h + 1e-3).all()
+        assert (o["boxes"] >= 0).all() and (o["scores"][:-1] >= o["scores"][1:]).all()
+
+
+def test_set_vocabulary_changes_labels_and_checks_dimension():
+    model = tiny_model("vild")
+    model.eval()
+    img, _ = scene()
+    emb = vocab(4)
+    model.set_vocabulary(emb)
+    with torch.no_grad():
+        a = model([img])[0]["labels"]
+    perm = torch.tensor([2, 3, 0, 1])
+    model.set_vocabulary(emb[perm])
+    with torch.no_grad():
+        b = model([img])[0]["labels"]
+    # the same regions win; only their vocabulary indices moved
+    assert torch.equal(perm[b], a)
+    model.set_vocabulary(emb[:1])
+    with torch.no_grad():
+        assert set(model([img])[0]["labels"].tolist()) == {0}
+    with pytest.raises(ValueError, match="EMBED_DIM"):
+        model.set_vocabulary(torch.randn(3, DIM + 1))
+    with pytest.raises(ValueError, match="empty"):
+        model.set_vocabulary(torch.zeros(0, DIM))
+
+
+def naive_select(boxes, scores, score_thresh, nms_thresh, max_dets):
+    """The straightforward post-process: every (box, class) over the threshold, per-class NMS."""
+    r, k = scores.shape
+    b = boxes[:, None].expand(r, k, 4).reshape(-1, 4)
+    s, lab = scores.reshape(-1), torch.arange(k).repeat(r)
+    keep = s > score_thresh
+    b, s, lab = b[keep], s[keep], lab[keep]
+    keep = batched_nms(b, s, lab, nms_thresh)[:max_dets]
+    return b[keep], s[keep], lab[keep]
+
+
+def test_fast_postprocess_gives_the_same_detections_as_the_naive_one():
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(400, 2, generator=g) * 300
+    boxes = torch.cat([xy, xy + 20 + torch.rand(400, 2, generator=g) * 100], 1)
+    logits = torch.randn(400, 1 + 80, generator=g) * 3
+    scores = logits.softmax(-1)[:, 1:]
+    ref = naive_select(boxes, scores, 0.0, 0.5, 100)
+    fast = select_detections(boxes, scores, 0.0, 0.5, 100, topk_candidates=5000)
+    for a, b in zip(ref, fast):
+        assert torch.equal(a, b)
+    # all candidates (topk 0) must equal the reference exactly too
+    for a, b in zip(ref, select_detections(boxes, scores, 0.0, 0.5, 100, topk_candidates=0)):
+        assert torch.equal(a, b)
+
+
+def naive_paste(probs, boxes, h, w):
+    """One grid_sample per detection, the same bilinear convention (zeros outside the mask)."""
+    ys, xs = torch.arange(h) + 0.5, torch.arange(w) + 0.5
+    out = []
+    for p, (x0, y0, x1, y1) in zip(probs, boxes.tolist()):
+        gx = 2 * (xs - x0) / (x1 - x0) - 1
+        gy = 2 * (ys - y0) / (y1 - y0) - 1
+        grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], -1)
+        out.append(F.grid_sample(p[None, None], grid[None], align_corners=False, padding_mode="zeros")[0, 0])
+    return torch.stack(out)
+
+
+def smooth_masks(n, g):
+    """Blob-shaped mask probabilities, like a trained mask head's."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 28), torch.linspace(-1, 1, 28), indexing="ij")
+    c = torch.rand(n, 2, generator=g) * 0.6 - 0.3
+    r = torch.rand(n, 1, 1, generator=g) * 0.5 + 0.4
+    d = ((xx - c[:, :1, None]) ** 2 + (yy - c[:, 1:, None]) ** 2).sqrt()
+    return torch.sigmoid((r - d) * 12)
+
+
+def test_batched_mask_paste_matches_naive_and_torchvision():
+    g = torch.Generator().manual_seed(0)
+    n, h, w = 40, 90, 130
+    xy = torch.rand(n, 2, generator=g) * 80 - 10  # some boxes cross the border
+    boxes = torch.cat([xy, xy + 10 + torch.rand(n, 2, generator=g) * 50], 1)
+    probs = smooth_masks(n, g)
+    ours = paste_masks(probs, boxes, h, w, chunk=16)
+    naive = naive_paste(probs, boxes, h, w) >= 0.5
+    assert (ours != naive).sum() <= 2  # float rounding exactly at the threshold only
+    ref = paste_masks_in_image(probs[:, None], boxes, (h, w))[:, 0] >= 0.5
+    inter = (ours & ref).sum((1, 2)).float()
+    union = (ours | ref).sum((1, 2)).float()
+    iou = inter[union > 0] / union[union > 0]
+    assert iou.mean() > 0.9 and iou.min() > 0.7  # torchvision rounds boxes to whole pixels; we do not

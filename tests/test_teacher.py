@@ -1,0 +1,205 @@
+"""CLIP teacher: templates, vocabularies, text cache, region crops, weights round trip, errors."""
+import hashlib
+import time
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vild.teacher import CLIPTeacher, get_templates, load_vocabulary_file, parse_vocabulary
+from vild.teacher.templates import fill_template
+from vild.teacher.vocabulary import clean_name
+
+MICRO = "vild-test-micro"  # vild/teacher/model_configs/vild-test-micro.json, random weights
+
+
+@pytest.fixture
+def teacher(tmp_path):
+    torch.manual_seed(0)
+    return CLIPTeacher(MICRO, "", cache_dir=str(tmp_path / "cache"), templates="simple")
+
+
+def _image(h=48, w=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+
+
+def _unit(x):
+    return torch.allclose(x.norm(dim=-1), torch.ones(len(x)), atol=1e-5)
+
+
+# ---- templates and vocabularies ---------------------------------------------------------------
+def test_template_sets():
+    assert len(get_templates("vild")) == 63 and len(get_templates("clip")) == 80
+    assert get_templates("simple") == ["a photo of a {}."] and get_templates("none") == ["{}"]
+    assert fill_template("a photo of {article} {}.", "apple") == "a photo of an apple."
+    assert fill_template("a photo of {article} {}.", "kite") == "a photo of a kite."
+    with pytest.raises(ValueError, match="vild, clip, simple, none"):
+        get_templates("fancy")
+
+
+def test_parse_vocabulary_forms(tmp_path):
+    expected = [["couch", "sofa"], ["tv", "television"]]
+    assert parse_vocabulary(" couch | sofa , tv|television ") == expected
+    assert parse_vocabulary(["couch|sofa", "tv|television"]) == expected
+    assert parse_vocabulary([["couch", "sofa"], ["tv", "television"]]) == expected
+    with pytest.warns(UserWarning, match="duplicate"):
+        assert parse_vocabulary("cat,dog,cat") == [["cat"], ["dog"]]
+    for empty in ["", " , ,", [], [" | "]]:
+        with pytest.raises(ValueError, match='pass --vocab "cat,dog"'):
+            parse_vocabulary(empty)
+    f = tmp_path / "vocab.txt"
+    f.write_text("# my classes\ncouch|sofa  # furniture\n\n tv | television\n")
+    assert load_vocabulary_file(f) == expected
+
+
+def test_clean_name():
+    assert clean_name("bow_(weapon)") == "bow weapon"
+    assert clean_name("tv_(television)") == "tv television"
+    assert clean_name("traffic light") == "traffic light"
+
+
+# ---- text embeddings ----------------------------------------------------------------------------
+def test_text_embeddings_shape_and_norm(teacher):
+    assert teacher.embed_dim == 32
+    emb = teacher.encode_text(["cat", ["couch", "sofa"], "tv|television"])
+    assert emb.shape == (3, 32) and emb.dtype == torch.float32 and _unit(emb)
+    assert not torch.allclose(emb[0], emb[1], atol=1e-3)
+
+
+def test_synonyms_average(teacher):
+    teacher.templates = get_templates("vild")  # many templates: per-synonym means differ in norm
+    single = teacher.encode_text(["couch", "sofa"])
+    both = teacher.encode_text([["couch", "sofa"]])[0]
+    assert torch.allclose(both, F.normalize(single.sum(0), dim=0), atol=1e-5)
+    assert torch.allclose(teacher.encode_text(["couch|sofa"])[0], both, atol=1e-6)
+    assert not torch.allclose(both, single[0], atol=1e-3)
+
+
+def test_empty_vocabulary_is_an_error(teacher):
+    with pytest.raises(ValueError, match="vocabulary is empty"):
+        teacher.encode_text([])
+    with pytest.raises(ValueError, match="non-blank"):
+        teacher.encode_text(["cat", " "])  # a dropped entry would shift label indices
+
+
+def test_text_cache_hit_and_corruption(teacher):
+    names = ["cat", "dog"]
+    first = teacher.encode_text(names)
+    assert (teacher.cache_hits, teacher.cache_misses) == (0, 1)
+    path = teacher.text_cache_path(parse_vocabulary(names))
+    assert path.is_file() and path.parent == teacher.cache_dir
+    assert torch.equal(teacher.encode_text(names), first)
+    assert (teacher.cache_hits, teacher.cache_misses) == (1, 1)
+
+    path.write_bytes(b"not a torch file")
+    with pytest.warns(UserWarning, match="corrupt"):
+        again = teacher.encode_text(names)
+    assert torch.allclose(again, first) and teacher.cache_misses == 2
+    assert torch.equal(torch.load(path, weights_only=True), first)  # rewritten
+
+
+def test_cache_key_depends_on_names_and_templates(teacher, tmp_path):
+    vocab = [["cat"], ["dog"]]
+    key = teacher.text_cache_path(vocab)
+    assert teacher.text_cache_path([["cat"], ["wolf"]]) != key
+    assert teacher.text_cache_path([["dog"], ["cat"]]) != key
+    teacher.templates = get_templates("vild")
+    assert teacher.text_cache_path(vocab) != key
+
+
+def test_long_name_warns(teacher):
+    with pytest.warns(UserWarning, match="truncated"):
+        teacher.encode_text(["a very long name of an extremely complicated object thing"])
+
+
+# ---- region embeddings ------------------------------------------------------------------------------
+def test_region_embeddings(teacher):
+    boxes = torch.tensor([[0, 0, 30, 30], [10, 5, 60, 40], [0, 0, 30, 30]], dtype=torch.float32)
+    small = _image(20, 24, seed=1)
+    out = teacher.embed_regions([_image(), small], [boxes, torch.tensor([[2.0, 2.0, 20.0, 18.0]])])
+    assert [o.shape for o in out] == [(3, 32), (1, 32)] and all(_unit(o) for o in out)
+    assert torch.equal(out[0][0], out[0][2])  # same box, same embedding
+    assert not torch.allclose(out[0][0], out[0][1], atol=1e-3)
+    again = teacher.embed_regions([_image()], [boxes])[0]
+    assert torch.equal(again, out[0])
+    as_float = teacher.embed_regions([_image().float()], [boxes])[0]
+    assert torch.allclose(as_float, out[0], atol=1e-6)
+    assert teacher.embed_regions([_image()], [torch.zeros(0, 4)])[0].shape == (0, 32)
+
+
+def test_region_crop_is_the_box_and_scales_average(teacher):
+    img = _image(32, 32)  # the model's input size: a full-image box crops to the image itself
+    full = torch.tensor([[0.0, 0.0, 32.0, 32.0]])
+    direct = teacher.embed_crops(img[None].float() / 255)
+    assert torch.allclose(teacher.embed_regions([img], [full])[0], direct, atol=1e-5)
+
+    box = torch.tensor([[8.0, 8.0, 20.0, 24.0]])
+    per_scale = []
+    for s in (1.0, 1.5):
+        teacher.crop_scales = (s,)
+        per_scale.append(teacher.embed_regions([img], [box])[0])
+    teacher.crop_scales = (1.0, 1.5)
+    both = teacher.embed_regions([img], [box])[0]
+    assert not torch.allclose(per_scale[0], per_scale[1], atol=1e-3)
+    assert torch.allclose(both, F.normalize(per_scale[0] + per_scale[1], dim=-1), atol=1e-5)
+
+
+# ---- weights, identity, config ----------------------------------------------------------------------
+def test_save_weights_round_trip(teacher, tmp_path):
+    path = tmp_path / "micro.pt"
+    teacher.save_weights(path)
+    loaded = CLIPTeacher(MICRO, str(path), cache_dir=str(tmp_path / "cache2"), templates="simple")
+    names = ["cat", ["couch", "sofa"]]
+    assert torch.equal(loaded.encode_text(names), teacher.encode_text(names))
+    boxes = [torch.tensor([[1.0, 2.0, 40.0, 30.0]])]
+    assert torch.equal(loaded.embed_regions([_image()], boxes)[0], teacher.embed_regions([_image()], boxes)[0])
+    ident = loaded.identity
+    assert ident == {"model": MICRO, "pretrained": str(path.resolve()),
+                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert teacher.identity["sha256"] != ident["sha256"]  # random init: fingerprint of the tensors
+
+
+def test_frozen_and_eval(teacher):
+    assert not any(p.requires_grad for p in teacher.parameters())
+    teacher.train()
+    assert not teacher.training and not teacher.model.training
+
+
+def test_from_config(tmp_path):
+    from vild.config import get_cfg
+    cfg = get_cfg()
+    cfg.TEACHER.MODEL, cfg.TEACHER.PRETRAINED = MICRO, ""
+    cfg.TEACHER.TEMPLATES, cfg.TEACHER.CACHE_DIR = "none", str(tmp_path)
+    cfg.TEACHER.CROP_SCALES, cfg.TEACHER.BATCH_SIZE = [1.0, 2.0], 7
+    t = CLIPTeacher.from_config(cfg, "cpu")
+    assert (t.templates, t.crop_scales, t.batch_size) == (["{}"], (1.0, 2.0), 7)
+    assert str(t.cache_dir) == str(tmp_path)
+    assert t.encode_text(["a", "b", "c", "d", "e", "f", "g", "h"]).shape == (8, 32)  # > one batch
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="vild-test-micro"):
+        CLIPTeacher("vild-test-micr", "")
+
+
+def test_missing_weights_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        CLIPTeacher(MICRO, str(tmp_path / "nope.pt"))
+
+
+def test_unknown_tag():
+    with pytest.raises(ValueError, match="TEACHER.PRETRAINED"):
+        CLIPTeacher(MICRO, "laion400m_e32")
+
+
+def test_tag_unavailable_offline(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hf
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)  # read at call time: no network retries
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="TEACHER.PRETRAINED /path/to/file"):
+        CLIPTeacher("ViT-B-32", "openai")
+    assert time.monotonic() - start < 20

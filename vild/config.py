@@ -1,0 +1,306 @@
+"""Configuration: defaults, YAML files with ``_BASE_`` inheritance, ``KEY VALUE`` overrides."""
+from __future__ import annotations
+
+import ast
+import copy
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class CfgNode(dict):
+    """A dict with attribute access whose keys are fixed by the defaults."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as e:
+            raise AttributeError(f"config has no key {name!r}") from e
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __deepcopy__(self, memo: dict) -> "CfgNode":
+        return CfgNode({k: copy.deepcopy(v, memo) for k, v in self.items()})
+
+    def clone(self) -> "CfgNode":
+        """Return a deep copy."""
+        return copy.deepcopy(self)
+
+    def to_dict(self) -> dict:
+        """Return plain nested dicts (for YAML/JSON/checkpoints)."""
+        return {k: (v.to_dict() if isinstance(v, CfgNode) else v) for k, v in self.items()}
+
+    def dump(self) -> str:
+        """Serialize to YAML."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def merge(self, other: dict, prefix: str = "", allow_new: bool = False) -> "CfgNode":
+        """Recursively merge ``other`` in place; unknown keys are errors naming the key."""
+        for k, v in other.items():
+            full = f"{prefix}{k}"
+            if k not in self:
+                if not allow_new:
+                    raise KeyError(f"unknown config key {full!r}: check its spelling against vild/config.py")
+                self[k] = _to_node(v)
+                continue
+            if isinstance(self[k], CfgNode):
+                if not isinstance(v, dict):
+                    raise TypeError(f"config key {full!r} is a section; got {v!r}")
+                self[k].merge(v, prefix=full + ".", allow_new=allow_new or k in _OPEN_SECTIONS)
+            else:
+                self[k] = _coerce(full, self[k], v)
+        return self
+
+    def merge_from_list(self, opts: Iterable[str]) -> "CfgNode":
+        """Apply ``["A.B", "value", ...]`` overrides from the command line."""
+        opts = list(opts)
+        if len(opts) % 2:
+            raise ValueError(f"overrides come in KEY VALUE pairs; got an odd list: {opts}")
+        for key, raw in zip(opts[0::2], opts[1::2]):
+            node, parts = self, key.split(".")
+            for i, p in enumerate(parts[:-1]):
+                if p not in node or not isinstance(node[p], CfgNode):
+                    raise KeyError(f"unknown config key {'.'.join(parts[:i + 1])!r} in override {key!r}")
+                node = node[p]
+            if parts[-1] not in node:
+                raise KeyError(f"unknown config key {key!r}: check its spelling against vild/config.py")
+            node[parts[-1]] = _coerce(key, node[parts[-1]], _parse_value(raw))
+        return self
+
+
+# sections whose keys are free-form (e.g. a user's own dataset entries)
+_OPEN_SECTIONS = {"CUSTOM"}
+
+
+def _to_node(v: Any) -> Any:
+    if isinstance(v, dict):
+        return CfgNode({k: _to_node(x) for k, x in v.items()})
+    return v
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        if raw.lower() in ("true", "false"):
+            return raw.lower() == "true"
+        return raw
+
+
+def _coerce(key: str, old: Any, new: Any) -> Any:
+    """Keep the type of the default where it is unambiguous."""
+    if old is None or new is None:
+        return new
+    if isinstance(old, bool):
+        if isinstance(new, bool):
+            return new
+        raise TypeError(f"config key {key!r} expects true/false; got {new!r}")
+    if isinstance(old, float) and isinstance(new, (int, float)) and not isinstance(new, bool):
+        return float(new)
+    if isinstance(old, int) and isinstance(new, int) and not isinstance(new, bool):
+        return new
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        return list(new)
+    if isinstance(old, (list, tuple)) and isinstance(new, str):
+        return [s for s in new.split(",") if s] if new else []
+    if isinstance(old, str) and isinstance(new, (str, int, float)):
+        return str(new)
+    if type(old) is not type(new):
+        raise TypeError(f"config key {key!r} expects {type(old).__name__}; got {new!r}")
+    return new
+
+
+_DEFAULTS: dict = {
+    "MODEL": {
+        "WEIGHTS": "",
+        "DEVICE": "auto",  # auto | cpu | cuda | cuda:N
+        # RGB, 0..255 scale; images enter the model as uint8 or float 0..255
+        "PIXEL_MEAN": [123.675, 116.28, 103.53],
+        "PIXEL_STD": [58.395, 57.12, 57.375],
+        "MASK_ON": True,
+        "BACKBONE": {
+            "NAME": "resnet50",  # resnet18/34/50/101/152, or "tiny" (a small CNN for tests and the demo)
+            "NORM": "FrozenBN",  # FrozenBN | BN | SyncBN
+            "TRAINABLE_LAYERS": 3,
+            "PRETRAINED": "",  # torchvision ResNet state-dict file; "" = random init
+            "OUT_CHANNELS": 256,
+            "TINY_WIDTH": 32,
+            "RETURNED_LAYERS": [1, 2, 3, 4],  # ResNet stages feeding the FPN (1..4 -> P2..P5) + P6 by max-pool
+        },
+        "ANCHOR": {
+            "SIZES": [[32], [64], [128], [256], [512]],
+            "ASPECT_RATIOS": [0.5, 1.0, 2.0],
+        },
+        "RPN": {
+            "CONV_DEPTH": 2,
+            "PRE_NMS_TOPK_TRAIN": 2000,
+            "POST_NMS_TOPK_TRAIN": 1000,
+            "PRE_NMS_TOPK_TEST": 1000,
+            "POST_NMS_TOPK_TEST": 1000,
+            "NMS_THRESH": 0.7,
+            "FG_IOU_THRESH": 0.7,
+            "BG_IOU_THRESH": 0.3,
+            "BATCH_SIZE_PER_IMAGE": 256,
+            "POSITIVE_FRACTION": 0.5,
+        },
+        "ROI_HEADS": {
+            "BATCH_SIZE_PER_IMAGE": 512,
+            "POSITIVE_FRACTION": 0.25,
+            "FG_IOU_THRESH": 0.5,
+            "BG_IOU_THRESH": 0.5,
+            "SCORE_THRESH_TEST": 0.0,
+            "NMS_THRESH_TEST": 0.5,
+            "DETECTIONS_PER_IMAGE": 300,
+            "TOPK_CANDIDATES_TEST": 1000,  # per-image candidates kept before NMS (speed lever)
+        },
+        "ROI_BOX_HEAD": {
+            "NUM_CONV": 4,
+            "CONV_DIM": 256,
+            "NUM_FC": 1,
+            "FC_DIM": 1024,
+            "NORM": "BN",  # "" | BN | SyncBN
+            "POOLER_RESOLUTION": 7,
+            "POOLER_SAMPLING_RATIO": 2,
+            "BBOX_REG_WEIGHTS": [10.0, 10.0, 5.0, 5.0],
+        },
+        "ROI_MASK_HEAD": {
+            "NUM_CONV": 4,
+            "CONV_DIM": 256,
+            "POOLER_RESOLUTION": 14,
+            "MASK_THRESHOLD": 0.5,
+        },
+        "VILD": {
+            "VARIANT": "vild",  # text | vild | ensemble
+            "EMBED_DIM": 512,
+            "TEMPERATURE": 0.01,
+            "DISTILL_WEIGHT": 0.5,
+            "ENSEMBLE_LAMBDA": 2.0 / 3.0,
+            "NUM_DISTILL_PROPOSALS": 300,
+        },
+    },
+    "TEACHER": {
+        "MODEL": "ViT-B-32",  # any open_clip model name (see open_clip.list_models())
+        "PRETRAINED": "openai",  # open_clip pretrained tag, or a local weights file
+        "TEMPLATES": "vild",  # prompt-template set: vild | clip | simple | none
+        "CACHE_DIR": "",  # text-embedding cache; "" = $VILD_CACHE or ~/.cache/vild
+        "CROP_SCALES": [1.0, 1.5],
+        "BATCH_SIZE": 256,
+    },
+    "DATASETS": {
+        "ROOT": "",  # "" = $VILD_DATASETS or ./datasets
+        "TRAIN": ["lvis_v1_train"],
+        "TEST": ["lvis_v1_val"],
+        "PROPOSAL_STORE": "",  # folder of the CLIP proposal store; "" = no distillation data
+        "CUSTOM": {},  # NAME: {JSON: path, IMAGES: folder, TYPE: coco|lvis, SPLIT: lvis|coco_ovd|all|none}
+    },
+    "INPUT": {
+        "AUG": "lsj",  # lsj | resize | none
+        "IMAGE_SIZE": 1024,  # LSJ canvas side / longest side in resize mode
+        "LSJ_SCALE": [0.1, 2.0],
+        "RANDOM_FLIP": True,
+        "TEST_SIZE": 1024,  # longest side at test time
+        "SIZE_DIVISIBILITY": 32,
+    },
+    "DATALOADER": {
+        "NUM_WORKERS": 4,
+    },
+    "SOLVER": {
+        "IMS_PER_BATCH": 16,  # total over all processes
+        "BASE_LR": 0.02,
+        "MOMENTUM": 0.9,
+        "WEIGHT_DECAY": 4e-5,
+        "MAX_ITER": 90000,
+        "WARMUP_ITERS": 1000,
+        "WARMUP_FACTOR": 0.001,
+        "LR_SCHEDULER": "step",  # step | cosine
+        "STEPS": [60000, 80000],
+        "GAMMA": 0.1,
+        "CLIP_GRADIENTS": 0.0,  # max grad norm; 0 = off
+        "AMP": "",  # "" | bf16 | fp16
+        "CHECKPOINT_PERIOD": 5000,
+        "LOG_PERIOD": 20,
+    },
+    "TEST": {
+        "EVAL_PERIOD": 0,  # 0 = only at the end
+        "PER_CATEGORY_TABLE": False,
+    },
+    "OUTPUT_DIR": "output/vild",
+    "SEED": 42,
+}
+
+
+def get_cfg() -> CfgNode:
+    """Return a fresh copy of the default config."""
+    return _to_node(copy.deepcopy(_DEFAULTS))
+
+
+def resolve_config_path(name: str | os.PathLike) -> Path:
+    """Find a config by path, or by bare name inside the repository's ``configs/``."""
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p.resolve()
+    for cand in (CONFIGS_DIR / p, CONFIGS_DIR / p.name):
+        if cand.is_file():
+            return cand
+    known = ", ".join(sorted(q.name for q in CONFIGS_DIR.glob("*.yaml"))) if CONFIGS_DIR.is_dir() else "none"
+    raise FileNotFoundError(f"config {str(name)!r} not found as a file or in {CONFIGS_DIR} (known: {known})")
+
+
+def _load_yaml_with_base(path: Path, seen: tuple = ()) -> dict:
+    if path in seen:
+        raise ValueError(f"_BASE_ cycle in configs: {' -> '.join(map(str, seen + (path,)))}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a YAML mapping")
+    base = data.pop("_BASE_", None)
+    if base is None:
+        return data
+    base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+    if not base_path.is_file():
+        base_path = resolve_config_path(base)
+    merged = _load_yaml_with_base(base_path.resolve(), seen + (path,))
+    _deep_update(merged, data)
+    return merged
+
+
+def _deep_update(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> CfgNode:
+    """Defaults, then the YAML file (with its ``_BASE_`` chain), then ``KEY VALUE`` overrides."""
+    cfg = get_cfg()
+    if path:
+        cfg.merge(_load_yaml_with_base(resolve_config_path(path)))
+    cfg.merge_from_list(overrides)
+    return cfg
+
+
+def cfg_from_dict(d: dict) -> CfgNode:
+    """Rebuild a config saved in a checkpoint, tolerating keys this version no longer has."""
+    cfg = get_cfg()
+    _merge_known(cfg, d)
+    return cfg
+
+
+def _merge_known(node: CfgNode, d: dict) -> None:
+    for k, v in d.items():
+        if k not in node:
+            continue
+        if isinstance(node[k], CfgNode) and isinstance(v, dict):
+            if k in _OPEN_SECTIONS:
+                node[k] = _to_node(v)
+            else:
+                _merge_known(node[k], v)
+        else:
+            node[k] = v

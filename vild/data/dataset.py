@@ -1,0 +1,163 @@
+"""COCO- and LVIS-format detection datasets producing the sample format of docs/architecture.md."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from .proposal_store import ProposalStore
+from .splits import apply_split
+from .transforms import DetectionTransform
+
+logger = logging.getLogger(__name__)
+
+
+def load_api(json_file: str | os.PathLike, evaluator_type: str) -> Any:
+    """Load a json with the official API: ``pycocotools.coco.COCO`` or ``lvis.LVIS``."""
+    with contextlib.redirect_stdout(io.StringIO()):  # both APIs print progress chatter
+        if evaluator_type == "lvis":
+            from lvis import LVIS
+            return LVIS(str(json_file))
+        from pycocotools.coco import COCO
+        return COCO(str(json_file))
+
+
+def _api_tables(api: Any) -> tuple[dict, dict, dict]:
+    """(images by id, annotations by image id, categories by id) for either API."""
+    if hasattr(api, "img_ann_map"):  # lvis.LVIS
+        return api.imgs, api.img_ann_map, api.cats
+    return api.imgs, api.imgToAnns, api.cats
+
+
+def decode_mask(segm: Any, bbox: list[float], height: int, width: int) -> np.ndarray:
+    """Polygon / RLE / uncompressed RLE (or the box, when there is no segmentation) → uint8 [H, W]."""
+    if not segm:
+        x, y, w, h = bbox
+        m = np.zeros((height, width), np.uint8)
+        m[int(round(y)):int(round(y + h)), int(round(x)):int(round(x + w))] = 1
+        return m
+    if isinstance(segm, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+    elif isinstance(segm.get("counts"), list):
+        rle = mask_utils.frPyObjects(segm, height, width)
+    else:
+        rle = segm
+    return mask_utils.decode(rle).astype(np.uint8)
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Images + annotations of one COCO/LVIS json, with an open-vocabulary split applied on load.
+
+    Training: novel categories are removed from annotations and vocabulary (vocabulary = base
+    names), crowd and degenerate boxes are dropped. Testing: all kept categories, ``base_mask``
+    tells which are base. ``num_unreadable`` / ``missing_proposals`` count per process (per worker).
+    """
+
+    def __init__(self, json_file: str | os.PathLike, image_root: str | os.PathLike, evaluator_type: str = "coco",
+                 split: str = "all", train: bool = True, transforms: Callable | None = None,
+                 proposal_store: ProposalStore | None = None, filter_empty: bool | None = None, name: str = ""):
+        """Load ``json_file``; ``filter_empty`` (default: ``train``) drops images left without annotations."""
+        self.name, self.json_file, self.image_root = name or Path(json_file).stem, str(json_file), Path(image_root)
+        self.evaluator_type, self.split, self.train = evaluator_type, split, train
+        self.transforms = transforms or DetectionTransform(None)
+        self.proposal_store = proposal_store
+        self.api = load_api(json_file, evaluator_type)
+        imgs, img_anns, cats = _api_tables(self.api)
+        kept, base_mask = apply_split(list(cats.values()), split)
+        if train:
+            kept, base_mask = [c for c, b in zip(kept, base_mask) if b], [True] * sum(base_mask)
+        self.category_ids: list[int] = [c["id"] for c in kept]
+        self.category_names: list[list[str]] = [
+            [c["name"]] + [s for s in c.get("synonyms", []) if s != c["name"]] for c in kept]
+        self.base_mask: list[bool] = base_mask
+        self._label = {cid: i for i, cid in enumerate(self.category_ids)}
+        filter_empty = train if filter_empty is None else filter_empty
+        self._records: list[tuple[dict, list[dict]]] = []
+        for img_id in sorted(imgs):
+            all_anns = [a for a in img_anns.get(img_id, []) if a["category_id"] in self._label]
+            anns = [a for a in all_anns if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1]
+            # COCO OVD test sets keep only images showing one of the 65 classes (the benchmark's 4836)
+            if (filter_empty and not anns) or (split == "coco_ovd" and not train and not all_anns):
+                continue
+            self._records.append((imgs[img_id], anns))
+        self.image_ids: list[int] = [r[0]["id"] for r in self._records]
+        self.num_unreadable = 0
+        self.missing_proposals = 0
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def image_path(self, img: dict) -> Path:
+        """File of an image entry: ``file_name`` under the root, else the tail of ``coco_url`` (LVIS)."""
+        if img.get("file_name"):
+            return self.image_root / img["file_name"]
+        folder, base = img["coco_url"].split("/")[-2:]
+        nested = self.image_root / folder / base  # LVIS val mixes COCO train2017 and val2017 images
+        return nested if nested.exists() else self.image_root / base
+
+    def _read(self, img: dict) -> torch.Tensor | None:
+        path = self.image_path(img)
+        arr = cv2.imread(str(path), cv2.IMREAD_COLOR)  # grayscale files come back as 3 channels too
+        if arr is None:
+            logger.warning("unreadable image %s (id %s): skipped", path, img["id"])
+            return None
+        if arr.shape[:2] != (img["height"], img["width"]):
+            logger.warning("image %s is %s on disk but %s in the json: skipped", path, arr.shape[:2],
+                           (img["height"], img["width"]))
+            return None
+        return torch.from_numpy(cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).contiguous()
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, dict]:
+        """``(image uint8 [3, H, W], target)``; an unreadable image is replaced by the next readable one."""
+        for k in range(len(self)):
+            j = (idx + k) % len(self)
+            if j in self._bad:
+                continue
+            image = self._read(self._records[j][0])
+            if image is None:
+                self._bad.add(j)
+                self.num_unreadable += 1
+                continue
+            return self.transforms(image, self._target(j))
+        raise RuntimeError(f"dataset {self.name}: no readable image at all under {self.image_root}")
+
+    def _target(self, j: int) -> dict:
+        img, anns = self._records[j]
+        h, w = img["height"], img["width"]
+        boxes = torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in (a["bbox"] for a in anns)],
+                             dtype=torch.float32).reshape(-1, 4)
+        masks = np.stack([decode_mask(a.get("segmentation"), a["bbox"], h, w) for a in anns]) if anns else \
+            np.zeros((0, h, w), np.uint8)
+        target = {
+            "boxes": boxes,
+            "labels": torch.tensor([self._label[a["category_id"]] for a in anns], dtype=torch.int64),
+            "masks": torch.from_numpy(masks),
+            "image_id": int(img["id"]),
+            "orig_size": (h, w),
+        }
+        target.update(self._proposals(int(img["id"])))
+        return target
+
+    def _proposals(self, image_id: int) -> dict:
+        dim = self.proposal_store.embed_dim if self.proposal_store is not None else 0
+        entry = self.proposal_store.get(image_id) if self.proposal_store is not None else None
+        if entry is None:
+            if self.proposal_store is not None:
+                self.missing_proposals += 1
+                if self.missing_proposals == 1 or self.missing_proposals % 1000 == 0:
+                    logger.warning("%s: %d images without a proposal-store entry so far (latest: id %d); "
+                                   "they get no distillation targets", self.name, self.missing_proposals, image_id)
+            return {"proposal_boxes": torch.zeros(0, 4), "proposal_embeds": torch.zeros(0, dim),
+                    "proposal_valid": torch.zeros(0, dtype=torch.bool)}
+        boxes, embeds = entry
+        return {"proposal_boxes": torch.from_numpy(boxes).float(), "proposal_embeds": torch.from_numpy(embeds).float(),
+                "proposal_valid": torch.ones(len(boxes), dtype=torch.bool)}

@@ -1,0 +1,81 @@
+"""Checkpoints: written atomically, read with ``weights_only=True`` so loading never runs pickled code."""
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a vild checkpoint safely, with errors that say what is wrong with the file."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {p} does not exist: train one with tools/train_net.py or pass --weights")
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated files, pickles with code, other formats
+        raise ValueError(f"checkpoint {p} cannot be read safely ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         f"it is corrupt, truncated or not a vild checkpoint") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"checkpoint {p} holds no 'model' entry: not a vild checkpoint")
+    return ckpt
+
+
+def rng_state() -> dict:
+    """All RNG states as tensors and plain types (loadable under weights_only)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore states saved by :func:`rng_state`."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+_CKPT_RE = re.compile(r"model_(\d+)\.pth$")
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """Newest ``model_NNNNNNN.pth`` (or ``model_final.pth``) in a training folder."""
+    d = Path(output_dir)
+    final = d / "model_final.pth"
+    if final.is_file():
+        return final
+    found = sorted((int(m.group(1)), p) for p in d.glob("model_*.pth") if (m := _CKPT_RE.search(p.name)))
+    return found[-1][1] if found else None

@@ -1,0 +1,54 @@
+"""Process-group setup for ``torchrun`` (single- and multi-node) and device choice."""
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def launched_by_torchrun() -> bool:
+    """True inside a process started by ``torchrun`` (it sets these variables)."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn MODEL.DEVICE (auto | cpu | cuda | cuda:N) into a device, with a clear error when CUDA is absent."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} requested but CUDA is not available here: use --device cpu "
+                               f"(or MODEL.DEVICE cpu)")
+        return torch.device(name if ":" in name else f"cuda:{local_rank}")
+    return torch.device(name)
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group torchrun described (NCCL on GPUs, gloo on CPUs); no-op for one process."""
+    if not launched_by_torchrun() or dist.is_initialized() or int(os.environ["WORLD_SIZE"]) == 1:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+
+
+def relaunch_with_torchrun(num_procs: int) -> None:
+    """Re-execute this script under ``torchrun --standalone`` with ``num_procs`` local processes."""
+    args = [a for i, a in enumerate(sys.argv) if not _is_num_gpus_arg(sys.argv, i)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_procs}", *args]
+    os.execv(sys.executable, cmd)
+
+
+def _is_num_gpus_arg(argv: list[str], i: int) -> bool:
+    a = argv[i]
+    return a == "--num-gpus" or a.startswith("--num-gpus=") or (i > 0 and argv[i - 1] == "--num-gpus")
+
+
+def cleanup() -> None:
+    """Leave the process group if one was joined."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,22 @@
+"""Running a model over a test loader and feeding an evaluator, on every rank."""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from ..utils import comm
+
+
+@torch.no_grad()
+def inference_on_dataset(model: torch.nn.Module, loader, evaluator, device: torch.device, autocast) -> dict:
+    """Predict every image of this rank's shard, then let the evaluator gather and score on rank 0."""
+    was_training = model.training
+    model.eval()
+    evaluator.reset()
+    for images, targets in tqdm(loader, desc="inference", disable=not comm.is_main_process(), leave=False):
+        with autocast:
+            outputs = model([im.to(device) for im in images])
+        outputs = [{k: v.to("cpu") for k, v in o.items()} for o in outputs]
+        evaluator.process(targets, outputs)
+    model.train(was_training)
+    return evaluator.evaluate()

@@ -1,0 +1,43 @@
+"""The command line of ``tools/train_net.py``: parse, configure, train or evaluate."""
+from __future__ import annotations
+
+import argparse
+
+from ..config import CfgNode, load_config
+from .distributed import cleanup, launched_by_torchrun, relaunch_with_torchrun
+
+
+def train_argument_parser() -> argparse.ArgumentParser:
+    """detectron2-style arguments: --config, --eval-only, --resume, --num-gpus, then KEY VALUE overrides."""
+    p = argparse.ArgumentParser(
+        description="Train or evaluate ViLD. Multi-node: torchrun --nnodes N --nproc_per_node G "
+                    "--rdzv_backend c10d --rdzv_endpoint HOST:PORT tools/train_net.py --config ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "--config-file", dest="config", default="", help="YAML file, or a name in configs/")
+    p.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS (or the last checkpoint)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT_DIR")
+    p.add_argument("--num-gpus", type=int, default=1, help="launch this many local processes with torchrun")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs, e.g. SOLVER.MAX_ITER 100")
+    return p
+
+
+def setup_config(args: argparse.Namespace) -> CfgNode:
+    """Defaults ← YAML ← overrides."""
+    return load_config(args.config or None, args.opts)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Entry point shared by ``tools/train_net.py``."""
+    args = train_argument_parser().parse_args(argv)
+    cfg = setup_config(args)  # fail on a bad config before spawning anything
+    if args.num_gpus > 1 and not launched_by_torchrun():
+        relaunch_with_torchrun(args.num_gpus)
+    from .trainer import Trainer
+    try:
+        trainer = Trainer(cfg)
+        if args.eval_only:
+            trainer.resume_or_load(resume=args.resume)
+            return trainer.test()
+        return trainer.train(resume=args.resume)
+    finally:
+        cleanup()

@@ -1,0 +1,73 @@
+"""Training logs: console lines with ETA, ``metrics.jsonl``, and TensorBoard event files."""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+def setup_logger(output_dir: str | Path | None, rank: int = 0, name: str = "vild") -> logging.Logger:
+    """Console logging on rank 0 (warnings elsewhere), plus a ``log.txt`` file in ``output_dir``."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+    fmt = logging.Formatter(f"[%(asctime)s{'' if rank == 0 else f' r{rank}'}] %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if output_dir and rank == 0:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(Path(output_dir) / "log.txt")
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    return logger
+
+
+class MetricsWriter:
+    """Appends one JSON line per logged step and mirrors scalars to TensorBoard (rank 0 only)."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            except ImportError:  # tensorboard is a dependency, but a broken install must not stop training
+                logging.getLogger("vild").warning("tensorboard not importable; writing metrics.jsonl only")
+
+    def write(self, iteration: int, scalars: dict) -> None:
+        """Record the scalars of one iteration."""
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"iteration": iteration, **scalars}) + "\n")
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, iteration)
+
+    def close(self) -> None:
+        """Flush TensorBoard."""
+        if self.tb is not None:
+            self.tb.close()
+
+
+class ETA:
+    """Smoothed seconds-per-iteration and time left."""
+
+    def __init__(self, start_iter: int, max_iter: int):
+        self.start_iter, self.max_iter = start_iter, max_iter
+        self.t0 = time.perf_counter()
+
+    def __call__(self, iteration: int) -> tuple[float, str]:
+        """Return (seconds per iteration, ETA string) after ``iteration`` finished."""
+        done = max(iteration + 1 - self.start_iter, 1)
+        spi = (time.perf_counter() - self.t0) / done
+        left = spi * max(self.max_iter - iteration - 1, 0)
+        return spi, str(datetime.timedelta(seconds=int(left)))

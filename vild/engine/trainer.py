@@ -1,0 +1,284 @@
+"""The training loop: SGD with warm-up, AMP, clipping, checkpoints, resume, logs, periodic evaluation."""
+from __future__ import annotations
+
+import math
+import os
+import random
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import CfgNode
+from ..modeling import ViLD, build_model
+from ..utils import comm
+from .checkpoint import FORMAT_VERSION, atomic_save, last_checkpoint, load_checkpoint, rng_state, set_rng_state
+from .distributed import init_distributed, resolve_device
+from .logger import ETA, MetricsWriter, setup_logger
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_factor(cfg: CfgNode, iteration: int) -> float:
+    """Learning-rate multiplier at an iteration: linear warm-up, then step decays or cosine."""
+    s = cfg.SOLVER
+    if s.LR_SCHEDULER == "step":
+        f = s.GAMMA ** sum(iteration >= m for m in s.STEPS)
+    elif s.LR_SCHEDULER == "cosine":
+        f = 0.5 * (1.0 + math.cos(math.pi * min(iteration / max(s.MAX_ITER, 1), 1.0)))
+    else:
+        raise ValueError(f"unknown SOLVER.LR_SCHEDULER {s.LR_SCHEDULER!r}: use step or cosine")
+    if iteration < s.WARMUP_ITERS:
+        alpha = iteration / s.WARMUP_ITERS
+        f *= s.WARMUP_FACTOR * (1 - alpha) + alpha
+    return f
+
+
+def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD with momentum; no weight decay on norm layers and biases (detectron2's default)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.SOLVER.WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM)
+
+
+def autocast_context(cfg: CfgNode, device: torch.device):
+    """bf16/fp16 autocast as SOLVER.AMP asks (fp16 only on CUDA)."""
+    amp = cfg.SOLVER.AMP
+    if not amp:
+        return nullcontext()
+    if amp not in ("bf16", "fp16"):
+        raise ValueError(f"unknown SOLVER.AMP {amp!r}: use '', bf16 or fp16")
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("SOLVER.AMP fp16 needs a GPU; use bf16 on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def unwrap(model: torch.nn.Module) -> ViLD:
+    """The ViLD module inside a DDP wrapper."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def save_training_checkpoint(path: Path, cfg: CfgNode, model, optimizer, iteration: int, teacher_identity: dict,
+                             vocabulary: list, scaler=None) -> None:
+    """Write a self-describing, resumable checkpoint (rank 0 only)."""
+    state = {
+        "format_version": FORMAT_VERSION,
+        "model": unwrap(model).state_dict(),
+        "cfg": cfg.to_dict(),
+        "teacher": teacher_identity,
+        "vocabulary": vocabulary,
+        "iteration": iteration,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "rng": rng_state(),
+    }
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    atomic_save(state, path)
+
+
+class Trainer:
+    """Builds everything a run needs from a config and runs the loop (``train``) or evaluation (``test``)."""
+
+    def __init__(self, cfg: CfgNode):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.MODEL.DEVICE)
+        init_distributed(self.device)
+        self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
+        self.output_dir = Path(cfg.OUTPUT_DIR)
+        if comm.is_main_process():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(cfg.dump())
+        self.logger = setup_logger(self.output_dir, self.rank)
+        seed_everything(cfg.SEED + self.rank)
+        from ..teacher import CLIPTeacher  # heavy import kept out of module import time
+        self.teacher = CLIPTeacher.from_config(cfg, self.device)
+        self.model = build_model(cfg).to(self.device)
+
+    # ---- data ---------------------------------------------------------------------------------
+    def train_dataset(self):
+        """The training dataset (base annotations only) with its proposal store when the variant distills."""
+        from ..data import ProposalStore, build_dataset
+        cfg = self.cfg
+        if len(cfg.DATASETS.TRAIN) != 1:
+            raise ValueError(f"DATASETS.TRAIN must name one dataset; got {cfg.DATASETS.TRAIN}")
+        store = None
+        if cfg.MODEL.VILD.VARIANT != "text":
+            if cfg.DATASETS.PROPOSAL_STORE:
+                store = ProposalStore(cfg.DATASETS.PROPOSAL_STORE)
+                self._check_store_teacher(store)
+            else:
+                self.logger.warning("DATASETS.PROPOSAL_STORE is empty: training %s without distillation "
+                                    "(make a store with tools/precompute_clip.py)", cfg.MODEL.VILD.VARIANT)
+        ds = build_dataset(cfg, cfg.DATASETS.TRAIN[0], train=True, proposal_store=store)
+        if store is not None:
+            missing = sum(int(i not in store) for i in ds.image_ids)
+            self.logger.info("proposal store %s: %d of %d training images have CLIP proposals, %d train without "
+                             "distillation", cfg.DATASETS.PROPOSAL_STORE, len(ds.image_ids) - missing,
+                             len(ds.image_ids), missing)
+        return ds
+
+    def _check_store_teacher(self, store) -> None:
+        ident = getattr(store, "teacher_identity", None)
+        mine = self.teacher.identity
+        if ident and ident.get("sha256") and mine.get("sha256") and ident["sha256"] != mine["sha256"]:
+            raise ValueError(f"proposal store {self.cfg.DATASETS.PROPOSAL_STORE} was embedded by teacher {ident}, "
+                             f"but TEACHER is {mine}: recompute the store or point TEACHER.* at the same weights")
+
+    def set_vocabulary(self, names: list, base_mask: list[bool] | None) -> None:
+        """Embed ``names`` with the teacher and install them as the model's vocabulary."""
+        emb = self.teacher.encode_text(names).to(self.device)
+        mask = torch.tensor(base_mask, dtype=torch.bool) if base_mask is not None else None
+        unwrap(self.model).set_vocabulary(emb, mask)
+
+    # ---- training ---------------------------------------------------------------------------
+    def resume_or_load(self, resume: bool) -> int:
+        """Load MODEL.WEIGHTS, or with ``resume`` the newest checkpoint in OUTPUT_DIR; return the start iteration."""
+        path = last_checkpoint(self.output_dir) if resume else None
+        self._resume_state = None
+        if path is not None:
+            ckpt = load_checkpoint(path, map_location=self.device)
+            unwrap(self.model).load_state_dict(ckpt["model"])
+            self._resume_state = ckpt
+            self.logger.info("resuming from %s at iteration %d", path, ckpt["iteration"])
+            return int(ckpt["iteration"])
+        if resume:
+            self.logger.info("--resume: no checkpoint in %s, starting from scratch", self.output_dir)
+        if self.cfg.MODEL.WEIGHTS:
+            ckpt = load_checkpoint(self.cfg.MODEL.WEIGHTS, map_location=self.device)
+            unwrap(self.model).load_state_dict(ckpt["model"])
+            self.logger.info("loaded weights from %s", self.cfg.MODEL.WEIGHTS)
+        return 0
+
+    def _wrap_ddp(self) -> None:
+        if self.world_size == 1:
+            return
+        cfg = self.cfg
+        if "SyncBN" in (cfg.MODEL.BACKBONE.NORM, cfg.MODEL.ROI_BOX_HEAD.NORM):
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.model = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+
+    def train(self, resume: bool = False) -> dict:
+        """Run SOLVER.MAX_ITER iterations (continuing a checkpoint with ``resume``), then evaluate."""
+        from ..data import build_train_loader
+        cfg, log = self.cfg, self.logger
+        dataset = self.train_dataset()
+        self.vocabulary = dataset.category_names
+        self.set_vocabulary(self.vocabulary, [True] * len(self.vocabulary))
+        start_iter = self.resume_or_load(resume)
+        self._wrap_ddp()
+        optimizer = build_optimizer(cfg, self.model)
+        scaler = torch.amp.GradScaler("cuda") if cfg.SOLVER.AMP == "fp16" else None
+        if self._resume_state is not None:
+            if self._resume_state.get("optimizer"):
+                optimizer.load_state_dict(self._resume_state["optimizer"])
+            if scaler is not None and "scaler" in self._resume_state:
+                scaler.load_state_dict(self._resume_state["scaler"])
+            set_rng_state(self._resume_state["rng"])
+        loader = build_train_loader(cfg, dataset, start_iter=start_iter)
+        writer = MetricsWriter(self.output_dir, enabled=comm.is_main_process())
+        max_iter = cfg.SOLVER.MAX_ITER
+        log.info("training %s (%s) on %d categories for %d iterations, %d process(es) on %s",
+                 cfg.MODEL.VILD.VARIANT, cfg.MODEL.BACKBONE.NAME, len(self.vocabulary), max_iter,
+                 self.world_size, self.device)
+        self.model.train()
+        eta = ETA(start_iter, max_iter)
+        it = start_iter
+        data_iter = iter(loader)
+        for it in range(start_iter, max_iter):
+            for g in optimizer.param_groups:
+                g["lr"] = cfg.SOLVER.BASE_LR * lr_factor(cfg, it)
+            images, targets = next(data_iter)
+            with autocast_context(cfg, self.device):
+                losses = self.model([im.to(self.device, non_blocking=True) for im in images], targets)
+            total = sum(losses.values())
+            if not torch.isfinite(total):
+                raise FloatingPointError(
+                    f"loss became non-finite at iteration {it}: "
+                    f"{ {k: float(v) for k, v in losses.items()} }; lower SOLVER.BASE_LR, set SOLVER.CLIP_GRADIENTS, "
+                    f"or lengthen SOLVER.WARMUP_ITERS")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(total).backward()
+                scaler.unscale_(optimizer)
+            else:
+                total.backward()
+            if cfg.SOLVER.CLIP_GRADIENTS > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.SOLVER.CLIP_GRADIENTS)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            if (it + 1) % cfg.SOLVER.LOG_PERIOD == 0 or it + 1 == max_iter:
+                scalars = {k: float(v) for k, v in losses.items()}
+                scalars.update(total_loss=float(total), lr=optimizer.param_groups[0]["lr"])
+                spi, left = eta(it)
+                scalars["sec_per_iter"] = spi
+                writer.write(it + 1, scalars)
+                log.info("iter %d/%d  loss %.3f  (%s)  lr %.2e  %.2fs/it  eta %s", it + 1, max_iter, total,
+                         "  ".join(f"{k} {v:.3f}" for k, v in losses.items()), scalars["lr"], spi, left)
+            last = it + 1 == max_iter
+            if (it + 1) % cfg.SOLVER.CHECKPOINT_PERIOD == 0 or last:
+                self._checkpoint(it + 1, optimizer, scaler, final=last)
+            if cfg.TEST.EVAL_PERIOD > 0 and (it + 1) % cfg.TEST.EVAL_PERIOD == 0 and not last:
+                writer.write(it + 1, _flatten(self.test()))
+                self.set_vocabulary(self.vocabulary, [True] * len(self.vocabulary))
+                self.model.train()
+        writer.close()
+        results = self.test() if cfg.DATASETS.TEST else {}
+        if results:
+            writer = MetricsWriter(self.output_dir, enabled=comm.is_main_process(), tensorboard=False)
+            writer.write(max_iter, _flatten(results))
+        return results
+
+    def _checkpoint(self, iteration: int, optimizer, scaler, final: bool) -> None:
+        if comm.is_main_process():
+            name = "model_final.pth" if final else f"model_{iteration:07d}.pth"
+            save_training_checkpoint(self.output_dir / name, self.cfg, self.model, optimizer, iteration,
+                                     self.teacher.identity, self.vocabulary, scaler)
+            self.logger.info("saved %s", self.output_dir / name)
+        comm.synchronize()
+
+    # ---- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def test(self) -> dict:
+        """Evaluate on every DATASETS.TEST dataset with its own full vocabulary."""
+        from ..data import build_dataset, build_test_loader
+        from ..evaluation import build_evaluator
+        from .inference import inference_on_dataset
+        results = {}
+        for name in self.cfg.DATASETS.TEST:
+            ds = build_dataset(self.cfg, name, train=False)
+            self.set_vocabulary(ds.category_names, ds.base_mask)
+            evaluator = build_evaluator(ds, self.output_dir / "inference" / name,
+                                        per_category=self.cfg.TEST.PER_CATEGORY_TABLE)
+            loader = build_test_loader(self.cfg, ds)
+            results[name] = inference_on_dataset(unwrap(self.model), loader, evaluator, self.device,
+                                                 autocast_context(self.cfg, self.device))
+            if comm.is_main_process():
+                self.logger.info("%s: %s", name, {k: (round(v, 2) if isinstance(v, float) else v)
+                                                  for k, v in _flatten(results[name]).items()})
+        return results
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+

@@ -1,0 +1,113 @@
+"""Model outputs → COCO-style result dicts, and the shared gather/write logic of the evaluators."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from ..utils import comm
+
+logger = logging.getLogger(__name__)
+
+
+def _np(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def instances_to_results(image_id: int, output: dict, category_ids: list[int]) -> tuple[list[dict], list[dict]]:
+    """One image's output (xyxy boxes, scores, labels, optional masks) → (bbox results, segm results)."""
+    boxes = _np(output["boxes"]).astype(np.float64).reshape(-1, 4)
+    scores = _np(output["scores"]).astype(np.float64).reshape(-1)
+    labels = _np(output["labels"]).astype(np.int64).reshape(-1)
+    cats = [int(category_ids[k]) for k in labels]
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+    bbox = [{"image_id": int(image_id), "category_id": c, "bbox": [float(v) for v in b], "score": float(s)}
+            for c, b, s in zip(cats, xywh, scores)]
+    segm: list[dict] = []
+    masks = output.get("masks")
+    if masks is not None and len(labels):
+        m = _np(masks)
+        m = m.reshape(len(labels), *m.shape[-2:])  # tolerate [n, 1, H, W]
+        rles = mask_utils.encode(np.asfortranarray(np.moveaxis(m, 0, -1), dtype=np.uint8))
+        for c, rle, s in zip(cats, rles, scores):
+            # no "bbox" key: both official loaders would then take the box area as the mask area
+            rle = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+            segm.append({"image_id": int(image_id), "category_id": c, "score": float(s), "segmentation": rle})
+    return bbox, segm
+
+
+def pct(x: float) -> float:
+    """Official score in [0, 1] → percent; the tools' -1 ("no ground truth") → NaN."""
+    return float(x) * 100.0 if x is not None and x >= 0 else float("nan")
+
+
+class ResultsEvaluator:
+    """Collects per-image results; subclasses implement ``_evaluate(image_ids, results) -> metrics``."""
+
+    def __init__(self, dataset: Any, output_dir: str | os.PathLike | None = None):
+        """Evaluate on ``dataset`` (labels index ``dataset.category_ids``); files go to ``output_dir``."""
+        self.dataset = dataset
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything processed so far."""
+        self._image_ids: list[int] = []
+        self._results: dict[str, list[dict]] = {"bbox": [], "segm": []}
+        self._has_masks = False
+
+    def process(self, targets_or_image_ids: Iterable[Any], outputs: Iterable[dict]) -> None:
+        """Add a batch: image ids (or targets with ``image_id``) and outputs in original-image pixels."""
+        for t, out in zip(targets_or_image_ids, outputs, strict=True):
+            image_id = int(t["image_id"]) if isinstance(t, dict) else int(t)
+            bbox, segm = instances_to_results(image_id, out, self.dataset.category_ids)
+            self._image_ids.append(image_id)
+            self._results["bbox"] += bbox
+            self._results["segm"] += segm
+            self._has_masks |= out.get("masks") is not None
+
+    def evaluate(self) -> dict:
+        """Gather from all ranks, run the official evaluator on rank 0, write files; metrics on every rank."""
+        gathered = comm.all_gather_object((self._image_ids, self._results, self._has_masks))
+        metrics: dict = {}
+        if comm.is_main_process():
+            image_ids = sorted({i for ids, _, _ in gathered for i in ids})
+            results = {k: [r for _, res, _ in gathered for r in res[k]] for k in ("bbox", "segm")}
+            iou_types = ["bbox"] + (["segm"] if any(g[2] for g in gathered) else [])
+            if not image_ids:
+                logger.warning("%s: no images were processed; nothing to evaluate", type(self).__name__)
+            else:
+                metrics = {t: self._evaluate(t, image_ids, results[t]) for t in iou_types}
+            self._write(results, iou_types, metrics)
+        return comm.broadcast_object(metrics)
+
+    def _evaluate(self, iou_type: str, image_ids: list[int], results: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def _write(self, results: dict, iou_types: list[str], metrics: dict) -> None:
+        if self.output_dir is None:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for t in iou_types:
+            _dump(self.output_dir / f"results_{t}.json", results[t])
+        _dump(self.output_dir / "metrics.json", _nan_to_none(metrics))
+
+
+def _dump(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    return None if isinstance(x, float) and math.isnan(x) else x

@@ -1,0 +1,78 @@
+"""Backbones: torchvision ResNet + FPN, or a tiny CNN + FPN for tests and the synthetic demo."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def norm_layer_for(name: str) -> type[nn.Module]:
+    """Map a config norm name to a layer; SyncBN starts as BN and is converted when DDP wraps the model."""
+    if name == "FrozenBN":
+        return FrozenBatchNorm2d
+    if name in ("BN", "SyncBN"):
+        return nn.BatchNorm2d
+    raise ValueError(f"unknown norm {name!r}: use FrozenBN, BN or SyncBN")
+
+
+class TinyCNN(nn.Sequential):
+    """A four-stage CNN (strides 4..32) cheap enough for CPU tests and the synthetic world."""
+
+    def __init__(self, width: int = 32, norm_layer: type[nn.Module] = nn.BatchNorm2d):
+        def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride, 1, bias=False), norm_layer(cout), nn.ReLU(inplace=True),
+                nn.Conv2d(cout, cout, 3, 1, 1, bias=False), norm_layer(cout), nn.ReLU(inplace=True),
+            )
+
+        w = width
+        super().__init__(OrderedDict(
+            stem=nn.Sequential(nn.Conv2d(3, w, 3, 2, 1, bias=False), norm_layer(w), nn.ReLU(inplace=True)),
+            layer1=block(w, w, 2),
+            layer2=block(w, 2 * w, 2),
+            layer3=block(2 * w, 4 * w, 2),
+            layer4=block(4 * w, 8 * w, 2),
+        ))
+        self.channels = [w, 2 * w, 4 * w, 8 * w]
+
+
+def build_backbone(cfg) -> BackboneWithFPN:
+    """Build the FPN backbone the config names; output levels P2..P6 ('0'..'3', 'pool')."""
+    bcfg = cfg.MODEL.BACKBONE
+    norm = norm_layer_for(bcfg.NORM)
+    returned = list(bcfg.RETURNED_LAYERS)
+    if bcfg.NAME == "tiny":
+        body = TinyCNN(bcfg.TINY_WIDTH, norm)
+        return_layers = {f"layer{k}": str(i) for i, k in enumerate(returned)}
+        in_channels = [body.channels[k - 1] for k in returned]
+        return BackboneWithFPN(body, return_layers, in_channels, bcfg.OUT_CHANNELS, extra_blocks=LastLevelMaxPool())
+    if bcfg.NAME not in _RESNETS:
+        raise ValueError(f"unknown backbone {bcfg.NAME!r}: use one of {', '.join(_RESNETS)} or 'tiny'")
+    net = getattr(resnet, bcfg.NAME)(weights=None, norm_layer=norm)
+    if bcfg.PRETRAINED:
+        load_resnet_weights(net, bcfg.PRETRAINED)
+    trainable = bcfg.TRAINABLE_LAYERS if bcfg.PRETRAINED else 5  # a random init must train every stage
+    return _resnet_fpn_extractor(net, trainable, returned, LastLevelMaxPool())
+
+
+def load_resnet_weights(net: nn.Module, path: str) -> None:
+    """Load ImageNet weights from a torchvision-format state-dict file (no download here)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"backbone weights {p} not found: download torchvision's ResNet weights on a machine with internet, "
+            f"or set MODEL.BACKBONE.PRETRAINED '' to start from random init")
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing:
+        raise ValueError(f"backbone weights {p} miss {len(missing)} tensors, e.g. {missing[:3]}: is it a {type(net).__name__}?")

@@ -1,0 +1,58 @@
+"""Open-vocabulary classification: cosine similarity with text embeddings plus a learned background."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TextClassifier(nn.Module):
+    """Logits = [bg, text embeddings] · region embedding / τ; the text matrix is a swappable buffer."""
+
+    def __init__(self, embed_dim: int, temperature: float = 0.01):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.temperature = temperature
+        self.background = nn.Parameter(torch.randn(embed_dim) * embed_dim ** -0.5)
+        # not persistent: a checkpoint's weights must not pin a vocabulary
+        self.register_buffer("text_embeddings", torch.zeros(0, embed_dim), persistent=False)
+        self.register_buffer("base_mask", torch.zeros(0, dtype=torch.bool), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        """Size of the current vocabulary (background excluded)."""
+        return self.text_embeddings.shape[0]
+
+    def set_vocabulary(self, text_embeddings: torch.Tensor, base_mask: torch.Tensor | None = None) -> None:
+        """Replace the vocabulary; ``base_mask`` marks categories seen in training (None: all novel)."""
+        if text_embeddings.dim() != 2 or text_embeddings.shape[1] != self.embed_dim:
+            raise ValueError(
+                f"text embeddings of shape {tuple(text_embeddings.shape)} do not fit this model: it expects "
+                f"[K, {self.embed_dim}] (MODEL.VILD.EMBED_DIM must equal the CLIP teacher's embedding size)")
+        if text_embeddings.shape[0] == 0:
+            raise ValueError("vocabulary is empty: pass at least one category name")
+        k = text_embeddings.shape[0]
+        if base_mask is None:
+            base_mask = torch.zeros(k, dtype=torch.bool)
+        base_mask = torch.as_tensor(base_mask, dtype=torch.bool)
+        if base_mask.shape != (k,):
+            raise ValueError(f"base_mask has shape {tuple(base_mask.shape)}; expected ({k},)")
+        device = self.background.device
+        self.text_embeddings = F.normalize(text_embeddings.detach().float(), dim=-1).to(device)
+        self.base_mask = base_mask.to(device)
+
+    def forward(self, region_embeddings: torch.Tensor, with_background: bool = True) -> torch.Tensor:
+        """Return logits [R, 1 + K] (background first) or [R, K]."""
+        if self.num_classes == 0:
+            raise RuntimeError("no vocabulary set: call set_vocabulary(text_embeddings) first")
+        weights = self.text_embeddings.to(region_embeddings.dtype)
+        if with_background:
+            bg = F.normalize(self.background, dim=0).to(region_embeddings.dtype)
+            weights = torch.cat([bg[None], weights], dim=0)
+        return region_embeddings @ weights.t() / self.temperature
+
+
+def ensemble_scores(p_text: torch.Tensor, p_image: torch.Tensor, base_mask: torch.Tensor, lam: float) -> torch.Tensor:
+    """ViLD-ensemble: base p_T^λ·p_I^(1−λ), novel p_T^(1−λ)·p_I^λ (geometric, per category)."""
+    w_text = torch.where(base_mask, torch.full_like(base_mask, lam, dtype=p_text.dtype), 1.0 - lam)
+    return p_text.clamp_min(1e-12) ** w_text * p_image.clamp_min(1e-12) ** (1.0 - w_text)

@@ -1,0 +1,114 @@
+"""The ViLD detector: backbone → RPN → ViLD RoI heads, with a vocabulary that can change at run time."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
+from torchvision.ops import MultiScaleRoIAlign
+
+from .backbone import build_backbone, norm_layer_for
+from .box_head import ViLDBoxHead
+from .classifier import TextClassifier
+from .preprocess import ImagePreprocessor
+from .roi_heads import ViLDRoIHeads
+
+
+class ViLD(nn.Module):
+    """Open-vocabulary Mask R-CNN; see ``docs/architecture.md`` for the input and output formats."""
+
+    def __init__(self, preprocessor: ImagePreprocessor, backbone: nn.Module, rpn: RegionProposalNetwork,
+                 roi_heads: ViLDRoIHeads, mask_threshold: float = 0.5):
+        super().__init__()
+        self.preprocessor, self.backbone, self.rpn, self.roi_heads = preprocessor, backbone, rpn, roi_heads
+        self.mask_threshold = mask_threshold
+
+    @property
+    def embed_dim(self) -> int:
+        """Dimension of the region (and text) embeddings."""
+        return self.roi_heads.classifier.embed_dim
+
+    def set_vocabulary(self, text_embeddings: torch.Tensor, base_mask: torch.Tensor | None = None) -> None:
+        """Swap the vocabulary: [K, D] normalised text embeddings; ``base_mask`` marks training categories."""
+        self.roi_heads.classifier.set_vocabulary(text_embeddings, base_mask)
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None, paste_masks: bool = True):
+        """Training: dict of losses. Inference: per-image dicts of boxes, scores, labels, masks (original frame)."""
+        if self.training and targets is None:
+            raise ValueError("training mode needs targets; call model.eval() for inference")
+        batch, original_sizes = self.preprocessor(images)
+        features = self.backbone(batch.tensors)
+        if self.training:
+            targets = [{k: (v.to(batch.tensors.device) if torch.is_tensor(v) else v) for k, v in t.items()}
+                       for t in targets]
+            proposals, rpn_losses = self.rpn(batch, features, targets)
+            losses = self.roi_heads.forward_train(features, proposals, batch.image_sizes, targets)
+            return {**rpn_losses, **losses}
+        proposals, _ = self.rpn(batch, features)
+        results = self.roi_heads.forward_test(features, proposals, batch.image_sizes)
+        return self.preprocessor.postprocess(results, batch.image_sizes, original_sizes, self.mask_threshold,
+                                             paste=paste_masks)
+
+    @torch.no_grad()
+    def propose(self, images: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Class-agnostic RPN proposals (boxes in the input images' frame, objectness probabilities)."""
+        was_training = self.training
+        self.eval()
+        try:
+            batch, original_sizes = self.preprocessor(images)
+            features = list(self.backbone(batch.tensors).values())
+            objectness, deltas = self.rpn.head(features)
+            anchors = self.rpn.anchor_generator(batch, features)
+            per_level = [o[0].numel() for o in objectness]
+            objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+            boxes = self.rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+            boxes, scores = self.rpn.filter_proposals(boxes, objectness, batch.image_sizes, per_level)
+        finally:
+            self.train(was_training)
+        out = []
+        for b, s, (h, w), (oh, ow) in zip(boxes, scores, batch.image_sizes, original_sizes):
+            out.append((b * torch.tensor([ow / w, oh / h, ow / w, oh / h], device=b.device), s))
+        return out
+
+
+def build_model(cfg) -> ViLD:
+    """Build ViLD from a config (see ``vild/config.py`` for every key)."""
+    m = cfg.MODEL
+    backbone = build_backbone(cfg)
+    channels = backbone.out_channels
+    anchors = AnchorGenerator(tuple(tuple(s) for s in m.ANCHOR.SIZES),
+                              (tuple(m.ANCHOR.ASPECT_RATIOS),) * len(m.ANCHOR.SIZES))
+    rpn = RegionProposalNetwork(
+        anchors, RPNHead(channels, anchors.num_anchors_per_location()[0], conv_depth=m.RPN.CONV_DEPTH),
+        m.RPN.FG_IOU_THRESH, m.RPN.BG_IOU_THRESH, m.RPN.BATCH_SIZE_PER_IMAGE, m.RPN.POSITIVE_FRACTION,
+        dict(training=m.RPN.PRE_NMS_TOPK_TRAIN, testing=m.RPN.PRE_NMS_TOPK_TEST),
+        dict(training=m.RPN.POST_NMS_TOPK_TRAIN, testing=m.RPN.POST_NMS_TOPK_TEST), m.RPN.NMS_THRESH)
+    levels = [str(i) for i in range(len(m.BACKBONE.RETURNED_LAYERS))]
+    bh = m.ROI_BOX_HEAD
+    box_pooler = MultiScaleRoIAlign(levels, bh.POOLER_RESOLUTION, bh.POOLER_SAMPLING_RATIO)
+    head_norm = norm_layer_for(bh.NORM) if bh.NORM else None
+    v = m.VILD
+
+    def box_head(with_regression: bool) -> ViLDBoxHead:
+        return ViLDBoxHead(channels, bh.POOLER_RESOLUTION, bh.NUM_CONV, bh.CONV_DIM, bh.NUM_FC, bh.FC_DIM,
+                           v.EMBED_DIM, head_norm, with_regression)
+
+    mask_pooler = mask_head = mask_predictor = None
+    if m.MASK_ON:
+        mh = m.ROI_MASK_HEAD
+        mask_pooler = MultiScaleRoIAlign(levels, mh.POOLER_RESOLUTION, 2)
+        mask_head = MaskRCNNHeads(channels, [mh.CONV_DIM] * mh.NUM_CONV, 1, norm_layer=head_norm)
+        mask_predictor = MaskRCNNPredictor(mh.CONV_DIM, mh.CONV_DIM, 1)  # class-agnostic: one mask channel
+    rh = m.ROI_HEADS
+    roi_heads = ViLDRoIHeads(
+        box_pooler, box_head(True), box_head(False) if v.VARIANT == "ensemble" else None,
+        TextClassifier(v.EMBED_DIM, v.TEMPERATURE), mask_pooler, mask_head, mask_predictor,
+        variant=v.VARIANT, fg_iou_thresh=rh.FG_IOU_THRESH, bg_iou_thresh=rh.BG_IOU_THRESH,
+        batch_size_per_image=rh.BATCH_SIZE_PER_IMAGE, positive_fraction=rh.POSITIVE_FRACTION,
+        bbox_reg_weights=tuple(bh.BBOX_REG_WEIGHTS), distill_weight=v.DISTILL_WEIGHT,
+        num_distill_proposals=v.NUM_DISTILL_PROPOSALS, ensemble_lambda=v.ENSEMBLE_LAMBDA,
+        score_thresh=rh.SCORE_THRESH_TEST, nms_thresh=rh.NMS_THRESH_TEST, detections_per_img=rh.DETECTIONS_PER_IMAGE,
+        topk_candidates=rh.TOPK_CANDIDATES_TEST)
+    pre = ImagePreprocessor(m.PIXEL_MEAN, m.PIXEL_STD, cfg.INPUT.TEST_SIZE, cfg.INPUT.SIZE_DIVISIBILITY)
+    return ViLD(pre, backbone, rpn, roi_heads, m.ROI_MASK_HEAD.MASK_THRESHOLD)

@@ -1,0 +1,254 @@
+"""The frozen CLIP teacher (open_clip): cached text embeddings and region embeddings of boxes."""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+from .templates import fill_template, get_templates
+from .vocabulary import clean_name, parse_vocabulary
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+# Registered at import so our JSON names work everywhere open_clip takes a model name.
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
+
+
+def default_cache_dir() -> Path:
+    """$VILD_CACHE, else ~/.cache/vild."""
+    return Path(os.environ.get("VILD_CACHE") or Path.home() / ".cache" / "vild")
+
+
+def sha256_file(path: Union[str, os.PathLike], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks so big checkpoints don't fill memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> None:
+    """torch.save to a temp file in the same folder, then rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _create_model(name: str, pretrained: Optional[str], device: torch.device) -> nn.Module:
+    """open_clip.create_model with errors that say what to do instead."""
+    if ":" not in name and name not in open_clip.list_models():
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.4)
+        raise ValueError(f"unknown open_clip model {name!r}; close names: {close} "
+                         "(all names: open_clip.list_models())")
+    if not pretrained:
+        return open_clip.create_model(name, pretrained=None, device=device)
+    if os.path.isfile(pretrained):
+        return open_clip.create_model(name, pretrained=pretrained, device=device)
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    hint = "pass a local weights file with TEACHER.PRETRAINED /path/to/file"
+    if pretrained in tags:
+        try:
+            return open_clip.create_model(name, pretrained=pretrained, device=device)
+        except RuntimeError as e:
+            raise RuntimeError(f"could not download open_clip weights {name!r}/{pretrained!r} "
+                               f"(no internet, or set HF_HUB_OFFLINE=1 to fail fast): {hint}") from e
+    if os.sep in pretrained or "/" in pretrained or pretrained.endswith(_WEIGHT_SUFFIXES):
+        raise FileNotFoundError(f"teacher weights file not found: {pretrained}")
+    raise ValueError(f"unknown pretrained tag {pretrained!r} for {name!r}; tags: {tags}; or {hint}")
+
+
+class CLIPTeacher(nn.Module):
+    """A frozen open_clip model that embeds category names and image regions.
+
+    ``pretrained`` is an open_clip tag, a local weights file, or ""/None for random
+    weights (tests, synthetic experiments). Outputs are float32 on the CPU.
+    """
+
+    def __init__(self, model_name: str, pretrained: Optional[str], device: Union[str, torch.device] = "cpu",
+                 templates: Union[str, Sequence[str]] = "vild", cache_dir: Optional[str] = None,
+                 crop_scales: Sequence[float] = (1.0, 1.5), batch_size: int = 256):
+        super().__init__()
+        self.device = torch.device(device)
+        self.model_name = model_name
+        self.pretrained = pretrained or ""
+        if os.path.isfile(self.pretrained):
+            self.pretrained = os.path.abspath(self.pretrained)
+        self.model = _create_model(model_name, self.pretrained, self.device).eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.templates = get_templates(templates) if isinstance(templates, str) else list(templates)
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.crop_scales = tuple(float(s) for s in crop_scales)
+        self.batch_size = int(batch_size)
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self._sha256: Optional[str] = None
+        # Probed once: model classes (CLIP, CustomTextCLIP, timm towers) store D in different places.
+        with torch.no_grad():
+            self._embed_dim = int(self.model.encode_text(self.tokenizer(["a"]).to(self.device)).shape[-1])
+
+        cfg = getattr(self.model.visual, "preprocess_cfg", {}) or {}
+        size = getattr(self.model.visual, "image_size", None) or cfg.get("size", 224)
+        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", OPENAI_MEAN), device=self.device).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.get("std", OPENAI_STD), device=self.device).view(1, 3, 1, 1),
+                             persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg: Any, device: Union[str, torch.device] = "cpu") -> "CLIPTeacher":
+        """Build from ``cfg.TEACHER`` (MODEL, PRETRAINED, TEMPLATES, CACHE_DIR, CROP_SCALES, BATCH_SIZE)."""
+        t = cfg.TEACHER
+        return cls(t.MODEL, t.PRETRAINED, device=device, templates=t.TEMPLATES, cache_dir=t.CACHE_DIR or None,
+                   crop_scales=t.CROP_SCALES, batch_size=t.BATCH_SIZE)
+
+    def train(self, mode: bool = True) -> "CLIPTeacher":
+        """The teacher stays in eval mode whatever its parent does."""
+        return super().train(False)
+
+    @property
+    def embed_dim(self) -> int:
+        """Dimension D of the joint embedding space."""
+        return self._embed_dim
+
+    @property
+    def identity(self) -> dict:
+        """{"model", "pretrained", "sha256"}: which weights produced the embeddings."""
+        if self._sha256 is None:
+            if os.path.isfile(self.pretrained):
+                self._sha256 = sha256_file(self.pretrained)
+            elif not self.pretrained:
+                # Random weights: fingerprint the tensors so caches never mix two random inits.
+                h = hashlib.sha256()
+                for k, v in self.model.state_dict().items():
+                    h.update(k.encode())
+                    h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+                self._sha256 = h.hexdigest()
+        return {"model": self.model_name, "pretrained": self.pretrained, "sha256": self._sha256}
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    # ---- text ----------------------------------------------------------------------------
+    def text_cache_path(self, vocab: list[list[str]]) -> Path:
+        """Cache file for these names under this model and template set."""
+        blob = json.dumps({"identity": self.identity, "templates": self.templates, "names": vocab})
+        return self.cache_dir / f"text_{hashlib.sha256(blob.encode()).hexdigest()}.pt"
+
+    @torch.no_grad()
+    def encode_text(self, names: Sequence[Union[str, Sequence[str]]]) -> Tensor:
+        """[K, D] L2-normalised embeddings; entry k is a name, "a|b", or a synonym list."""
+        vocab = parse_vocabulary(names, dedupe=False) if not isinstance(names, str) else parse_vocabulary(names)
+        if not isinstance(names, str) and len(vocab) != len(names):
+            raise ValueError("every vocabulary entry needs a non-blank name (a blank would shift label indices)")
+        path = self.text_cache_path(vocab)
+        if path.is_file():
+            try:
+                emb = torch.load(path, map_location="cpu", weights_only=True)
+                if isinstance(emb, Tensor) and emb.shape == (len(vocab), self.embed_dim):
+                    self.cache_hits += 1
+                    return emb
+                raise ValueError(f"unexpected content {type(emb)}")
+            except Exception as e:  # a broken cache must never stop training: recompute it
+                warnings.warn(f"ignoring corrupt text-embedding cache {path}: {e}")
+        self.cache_misses += 1
+        emb = self._encode_vocab(vocab)
+        atomic_save(emb, path)
+        return emb
+
+    def _encode_vocab(self, vocab: list[list[str]]) -> Tensor:
+        synonyms = [clean_name(s) for syns in vocab for s in syns]
+        self._warn_truncated(synonyms)
+        prompts = [(i, fill_template(t, s)) for i, s in enumerate(synonyms) for t in self.templates]
+        # Sums of unit vectors point along their mean, so summing per synonym is enough.
+        per_syn = torch.zeros(len(synonyms), self.embed_dim)
+        for b in range(0, len(prompts), self.batch_size):
+            idx, texts = zip(*prompts[b:b + self.batch_size])
+            with self._autocast():
+                e = self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
+            per_syn.index_add_(0, torch.tensor(idx), F.normalize(e.float(), dim=-1).cpu())
+        per_syn = F.normalize(per_syn, dim=-1)
+        owner = torch.tensor([k for k, syns in enumerate(vocab) for _ in syns])
+        per_cat = torch.zeros(len(vocab), self.embed_dim).index_add_(0, owner, per_syn)
+        return F.normalize(per_cat, dim=-1)
+
+    def _warn_truncated(self, synonyms: list[str]) -> None:
+        encode = getattr(self.tokenizer, "encode", None)
+        ctx = getattr(self.tokenizer, "context_length", None) or getattr(self.model, "context_length", 77)
+        if encode is None:
+            return
+        longest = max(self.templates, key=len)
+        # +2 for the start/end tokens the tokenizer adds.
+        cut = [s for s in synonyms if len(encode(fill_template(longest, s))) + 2 > ctx]
+        if cut:
+            warnings.warn(f"{len(cut)} name(s) truncated to the text encoder's {ctx}-token context "
+                          f"in some prompts: {cut[:10]}")
+
+    # ---- regions -------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed_crops(self, crops: Tensor) -> Tensor:
+        """[B, D] L2-normalised image embeddings of crops [B, 3, S, S] with values 0..1."""
+        crops = crops.to(self.device, torch.float32)
+        if tuple(crops.shape[-2:]) != self.image_size:
+            crops = F.interpolate(crops, size=self.image_size, mode="bilinear", align_corners=False,
+                                  antialias=True)
+        out = []
+        for b in range(0, len(crops), self.batch_size):
+            x = (crops[b:b + self.batch_size] - self.mean) / self.std
+            with self._autocast():
+                out.append(F.normalize(self.model.encode_image(x).float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+
+    @torch.no_grad()
+    def embed_regions(self, images: Sequence[Tensor], boxes_list: Sequence[Tensor]) -> list[Tensor]:
+        """Per image, [n_i, D] L2-normalised CLIP embeddings of its xyxy boxes (crop scales averaged)."""
+        if len(images) != len(boxes_list):
+            raise ValueError(f"{len(images)} images but {len(boxes_list)} box tensors")
+        results = []
+        for image, boxes in zip(images, boxes_list):
+            img = image.to(self.device, torch.float32).unsqueeze(0) / 255.0
+            boxes = boxes.to(self.device, torch.float32).reshape(-1, 4)
+            acc = torch.zeros(len(boxes), self.embed_dim)
+            for s in self.crop_scales:
+                scaled = _scale_boxes(boxes, s, img.shape[-2], img.shape[-1])
+                for b in range(0, len(scaled), self.batch_size):
+                    crops = roi_align(img, [scaled[b:b + self.batch_size]], self.image_size,
+                                      spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+                    acc[b:b + self.batch_size] += self.embed_crops(crops)
+            results.append(F.normalize(acc, dim=-1))
+        return results
+
+    def save_weights(self, path: Union[str, os.PathLike]) -> None:
+        """Write the state dict so ``open_clip.create_model(name, pretrained=path)`` loads it back."""
+        atomic_save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, path)
+
+
+def _scale_boxes(boxes: Tensor, scale: float, height: int, width: int) -> Tensor:
+    """Enlarge xyxy boxes about their centres by ``scale``, clipped to the image."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) * (scale / 2)
+    out = torch.cat([centre - half, centre + half], dim=1)
+    limits = torch.tensor([width, height, width, height], dtype=out.dtype, device=out.device)
+    return torch.minimum(out.clamp(min=0), limits)

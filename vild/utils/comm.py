@@ -1,0 +1,55 @@
+"""Process-group helpers that degrade to no-ops in a single process."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch.distributed as dist
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    """Number of processes in the default group (1 without one)."""
+    return dist.get_world_size() if _dist_on() else 1
+
+
+def get_rank() -> int:
+    """Global rank of this process (0 without a group)."""
+    return dist.get_rank() if _dist_on() else 0
+
+
+def get_local_rank() -> int:
+    """Rank within this machine, from LOCAL_RANK as set by torchrun (0 otherwise)."""
+    return int(os.environ.get("LOCAL_RANK", 0)) if _dist_on() else 0
+
+
+def is_main_process() -> bool:
+    """True on global rank 0."""
+    return get_rank() == 0
+
+
+def synchronize() -> None:
+    """Barrier across all processes; nothing to wait for in a single process."""
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list:
+    """Gather a picklable object from every rank; returns ``[obj]`` in a single process."""
+    if get_world_size() == 1:
+        return [obj]
+    out: list = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Return rank ``src``'s object on every rank."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
