@@ -69,7 +69,11 @@ class CfgNode(dict):
                 node = node[p]
             if parts[-1] not in node:
                 raise KeyError(f"unknown config key {key!r}: check its spelling against vild/config.py")
-            node[parts[-1]] = _coerce(key, node[parts[-1]], _parse_value(raw))
+            value = _parse_value(raw)
+            if isinstance(node[parts[-1]], CfgNode) and isinstance(value, dict):
+                node[parts[-1]].merge(value, prefix=key + ".", allow_new=parts[-1] in _OPEN_SECTIONS)
+            else:
+                node[parts[-1]] = _coerce(key, node[parts[-1]], value)
         return self
 
 

@@ -128,7 +128,7 @@ class Trainer:
         return ds
 
     def _check_store_teacher(self, store) -> None:
-        ident = getattr(store, "teacher_identity", None)
+        ident = store.teacher
         mine = self.teacher.identity
         if ident and ident.get("sha256") and mine.get("sha256") and ident["sha256"] != mine["sha256"]:
             raise ValueError(f"proposal store {self.cfg.DATASETS.PROPOSAL_STORE} was embedded by teacher {ident}, "
@@ -221,7 +221,7 @@ class Trainer:
             else:
                 optimizer.step()
             if (it + 1) % cfg.SOLVER.LOG_PERIOD == 0 or it + 1 == max_iter:
-                scalars = {k: float(v) for k, v in losses.items()}
+                scalars = {k: v.item() for k, v in losses.items()}
                 scalars.update(total_loss=float(total), lr=optimizer.param_groups[0]["lr"])
                 spi, left = eta(it)
                 scalars["sec_per_iter"] = spi

@@ -1,0 +1,111 @@
+"""End to end through tools/train_net.py: train, checkpoint, resume, evaluate, 2-process torchrun, store precompute."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vild.engine.checkpoint import load_checkpoint
+from vild.engine.launch import main as train_main
+from vild.engine.precompute import main as precompute_main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def world_opts(world, out_dir, variant="text", max_iter=4, **extra):
+    """Config overrides that train the tiny model on the session's synthetic world (LVIS format)."""
+    custom = {
+        "synth_train": {"JSON": world["lvis_train"], "IMAGES": world["images_train"], "TYPE": "lvis", "SPLIT": "lvis"},
+        "synth_val": {"JSON": world["lvis_val"], "IMAGES": world["images_val"], "TYPE": "lvis", "SPLIT": "lvis"},
+    }
+    opts = {
+        "DATASETS.CUSTOM": custom, "DATASETS.TRAIN": ["synth_train"], "DATASETS.TEST": ["synth_val"],
+        "MODEL.VILD.VARIANT": variant, "SOLVER.MAX_ITER": max_iter, "SOLVER.CHECKPOINT_PERIOD": 2,
+        "SOLVER.LOG_PERIOD": 1, "OUTPUT_DIR": str(out_dir), "TEACHER.CACHE_DIR": str(out_dir.parent / "cache"),
+        "TEACHER.PRETRAINED": str(out_dir.parent / "teacher.pt"),
+        **extra,
+    }
+    flat = []
+    for k, v in opts.items():
+        flat += [k, repr(v) if not isinstance(v, str) else v]
+    return flat
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    """A fixed micro teacher saved to disk, so every process (and torchrun rank) loads the same weights."""
+    from vild.teacher import CLIPTeacher
+    d = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    CLIPTeacher("vild-test-micro", "", templates="simple").save_weights(d / "teacher.pt")
+    return d
+
+
+def test_train_eval_and_outputs(world, teacher_file):
+    out = teacher_file / "text"
+    results = train_main(["--config", "tiny_test.yaml", *world_opts(world, out)])
+    assert (out / "model_final.pth").is_file() and (out / "model_0000002.pth").is_file()
+    assert (out / "config.yaml").is_file() and list((out / "tensorboard").glob("events.*"))
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["iteration"] for l in lines if "total_loss" in l] == [1, 2, 3, 4]
+    metrics = results["synth_val"]
+    assert {"bbox", "segm"} <= set(metrics) and "APr" in metrics["bbox"]
+    assert (out / "inference" / "synth_val" / "metrics.json").is_file()
+    ckpt = load_checkpoint(out / "model_final.pth")
+    assert ckpt["iteration"] == 4 and ckpt["teacher"]["sha256"] and ckpt["cfg"]["MODEL"]["VILD"]["VARIANT"] == "text"
+    assert len(ckpt["vocabulary"]) == len(world["base_names"])  # novel categories are not in training
+    # --eval-only on the saved weights gives the same numbers
+    again = train_main(["--config", "tiny_test.yaml", "--eval-only",
+                        *world_opts(world, teacher_file / "eval", **{"MODEL.WEIGHTS": str(out / "model_final.pth")})])
+    assert again["synth_val"]["bbox"]["AP"] == pytest.approx(metrics["bbox"]["AP"], nan_ok=True)
+
+
+def test_precompute_store_then_distill_and_resume_matches_uninterrupted(world, teacher_file):
+    store = teacher_file / "store"
+    base_opts = world_opts(world, teacher_file / "unused")
+    stats = precompute_main(["--config", "tiny_test.yaml", "--weights", str(teacher_file / "text" / "model_final.pth"),
+                             "--output", str(store), "--max-proposals", "20", *base_opts])
+    assert stats["written"] == world["num_train"]
+    again = precompute_main(["--config", "tiny_test.yaml", "--weights", str(teacher_file / "text" / "model_final.pth"),
+                             "--output", str(store), "--max-proposals", "20", *base_opts])
+    assert again["written"] == 0  # everything was committed: a re-run resumes with nothing to do
+
+    def run(out, resume=False):
+        args = ["--config", "tiny_test.yaml", *world_opts(world, out, "vild", max_iter=4, **{
+            "DATASETS.PROPOSAL_STORE": str(store), "DATASETS.TEST": []})]
+        return train_main(args + [] if not resume else ["--resume", *args])
+
+    full, part = teacher_file / "full", teacher_file / "part"
+    run(full)
+    part.mkdir()
+    shutil.copy(full / "model_0000002.pth", part / "model_0000002.pth")  # as if killed after iteration 2
+    run(part, resume=True)
+    a = load_checkpoint(full / "model_final.pth")["model"]
+    b = load_checkpoint(part / "model_final.pth")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    lines = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
+    assert all(l["loss_distill"] > 0 for l in lines if "loss_distill" in l) and lines
+
+
+def test_torchrun_two_processes_on_cpu(world, teacher_file):
+    out = teacher_file / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tools" / "train_net.py"), "--config", "tiny_test.yaml",
+           *world_opts(world, out, max_iter=3, **{"SOLVER.CHECKPOINT_PERIOD": 100, "SOLVER.IMS_PER_BATCH": 4})]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("model_*.pth")) == ["model_final.pth"]
+    assert load_checkpoint(out / "model_final.pth")["iteration"] == 3
+    metrics = json.loads((out / "inference" / "synth_val" / "metrics.json").read_text())
+    assert "bbox" in metrics
+    # both ranks' predictions reached rank 0: every val image has results
+    res = json.loads((out / "inference" / "synth_val" / "results_bbox.json").read_text())
+    assert {r["image_id"] for r in res} == {i for i in range(1, 10**6)} & {r["image_id"] for r in res}
+    assert len({r["image_id"] for r in res}) == world["num_val"]

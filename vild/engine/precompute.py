@@ -1,0 +1,138 @@
+"""Filling the CLIP proposal store: M class-agnostic proposals per training image, embedded by the teacher."""
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from ..config import CfgNode
+from ..data import ProposalStoreWriter, build_dataset
+from ..data.loader import trivial_collate
+from ..modeling import ViLD
+from ..utils import comm
+
+logger = logging.getLogger("vild")
+
+
+def load_proposals_json(path: str | Path, max_proposals: int) -> dict[int, torch.Tensor]:
+    """Read COCO-results-style proposals (``image_id``, ``bbox`` xywh, ``score``): the best M per image, xyxy."""
+    with open(path) as f:
+        entries = json.load(f)
+    per_image = defaultdict(list)
+    for e in entries:
+        x, y, w, h = e["bbox"]
+        per_image[int(e["image_id"])].append((float(e.get("score", 1.0)), [x, y, x + w, y + h]))
+    out = {}
+    for image_id, items in per_image.items():
+        items.sort(key=lambda t: -t[0])
+        out[image_id] = torch.tensor([b for _, b in items[:max_proposals]], dtype=torch.float32).reshape(-1, 4)
+    return out
+
+
+def _valid_boxes(boxes: torch.Tensor, min_size: float = 2.0) -> torch.Tensor:
+    return boxes[((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)]
+
+
+@torch.no_grad()
+def precompute_clip_proposals(cfg: CfgNode, teacher, out_dir: str | Path, model: ViLD | None = None,
+                              proposals: dict[int, torch.Tensor] | None = None, max_proposals: int | None = None,
+                              shard_index: int | None = None, num_shards: int | None = None,
+                              batch_size: int = 8, num_workers: int | None = None) -> dict:
+    """Write this process's shard of the store for DATASETS.TRAIN[0]; resumes where an earlier run stopped.
+
+    Proposals come from ``model``'s RPN (trained on base categories) or from a precomputed ``proposals`` dict.
+    """
+    if (model is None) == (proposals is None):
+        raise ValueError("pass exactly one proposal source: a trained model (its RPN) or a proposals JSON")
+    m = max_proposals or cfg.MODEL.VILD.NUM_DISTILL_PROPOSALS
+    shard_index = comm.get_rank() if shard_index is None else shard_index
+    num_shards = comm.get_world_size() if num_shards is None else num_shards
+    # the raw images, untransformed: boxes are stored in original pixels and augmented at training time
+    dataset = build_dataset(cfg, cfg.DATASETS.TRAIN[0], train=False, filter_empty=False)
+    writer = ProposalStoreWriter(out_dir, shard_index, num_shards, dataset.image_ids, m, teacher.embed_dim,
+                                 teacher=teacher.identity, crop_scales=list(teacher.crop_scales))
+    pending = set(writer.pending())
+    todo = [i for i, image_id in enumerate(dataset.image_ids) if image_id in pending]
+    logger.info("proposal store %s: shard %d/%d, %d of %d images to do", out_dir, shard_index, num_shards,
+                len(todo), len(writer.image_ids))
+    workers = cfg.DATALOADER.NUM_WORKERS if num_workers is None else num_workers
+    loader = DataLoader(Subset(dataset, todo), batch_size=batch_size, num_workers=workers,
+                        collate_fn=trivial_collate)
+    device = next(model.parameters()).device if model is not None else torch.device(teacher.device)
+    written = 0
+    try:
+        for images, targets in tqdm(loader, desc=f"CLIP proposals (shard {shard_index})", unit="batch",
+                                    disable=not comm.is_main_process()):
+            ids = [t["image_id"] for t in targets]
+            if model is not None:
+                boxes = [_valid_boxes(b.float().cpu())[:m] for b, _ in model.propose([im.to(device) for im in images])]
+            else:
+                boxes = [_valid_boxes(proposals.get(i, torch.zeros(0, 4)))[:m] for i in ids]
+            embeds = teacher.embed_regions(images, boxes)
+            for image_id, b, e in zip(ids, boxes, embeds):
+                writer.put(image_id, b.numpy(), e.to(torch.float16).numpy())
+                written += 1
+    finally:
+        writer.close()
+    unread = getattr(dataset, "num_unreadable", 0)
+    return {"written": written, "pending_before": len(todo), "shard": shard_index, "unreadable": unread}
+
+
+def load_proposal_model(weights: str, device: torch.device) -> ViLD:
+    """A trained ViLD (any variant) whose RPN supplies class-agnostic proposals."""
+    from ..config import cfg_from_dict
+    from ..modeling import build_model
+    from .checkpoint import load_checkpoint
+    ckpt = load_checkpoint(weights, map_location="cpu")
+    model = build_model(cfg_from_dict(ckpt["cfg"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command line of ``tools/precompute_clip.py``."""
+    import argparse
+
+    from ..config import load_config
+    from ..teacher import CLIPTeacher
+    from .distributed import cleanup, init_distributed, resolve_device
+    from .logger import setup_logger
+
+    p = argparse.ArgumentParser(description="Embed M proposals per training image with the CLIP teacher into the "
+                                            "proposal store. Parallel: torchrun --nproc_per_node N, or --shard i "
+                                            "--num-shards n in separate processes. Re-running resumes.")
+    p.add_argument("--config", required=True, help="the training config (dataset, teacher, store path)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", help="checkpoint of a model trained on base categories: its RPN proposes")
+    src.add_argument("--proposals-json", help="COCO-results-style proposals: image_id, bbox (xywh), score")
+    p.add_argument("--output", default="", help="store folder (default: DATASETS.PROPOSAL_STORE)")
+    p.add_argument("--max-proposals", type=int, default=0, help="M (default: MODEL.VILD.NUM_DISTILL_PROPOSALS)")
+    p.add_argument("--shard", type=int, default=None)
+    p.add_argument("--num-shards", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.opts)
+    out = args.output or cfg.DATASETS.PROPOSAL_STORE
+    if not out:
+        raise SystemExit("no store folder: pass --output DIR or set DATASETS.PROPOSAL_STORE in the config")
+    device = resolve_device(cfg.MODEL.DEVICE)
+    init_distributed(device)
+    setup_logger(None, comm.get_rank())
+    try:
+        teacher = CLIPTeacher.from_config(cfg, device)
+        m = args.max_proposals or cfg.MODEL.VILD.NUM_DISTILL_PROPOSALS
+        model = load_proposal_model(args.weights, device) if args.weights else None
+        props = load_proposals_json(args.proposals_json, m) if args.proposals_json else None
+        stats = precompute_clip_proposals(cfg, teacher, out, model=model, proposals=props, max_proposals=m,
+                                          shard_index=args.shard, num_shards=args.num_shards,
+                                          batch_size=args.batch_size)
+        logger.info("shard %d: wrote %d images", stats["shard"], stats["written"])
+        return stats
+    finally:
+        cleanup()
