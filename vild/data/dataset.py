@@ -27,7 +27,10 @@ def load_api(json_file: str | os.PathLike, evaluator_type: str) -> Any:
             from lvis import LVIS
             return LVIS(str(json_file))
         from pycocotools.coco import COCO
-        return COCO(str(json_file))
+        api = COCO(str(json_file))
+    for a in api.anns.values():
+        a.setdefault("iscrowd", 0)  # LVIS-style files omit it, and COCOeval needs it
+    return api
 
 
 def _api_tables(api: Any) -> tuple[dict, dict, dict]:

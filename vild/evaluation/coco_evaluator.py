@@ -60,7 +60,7 @@ class COCOEvaluator(ResultsEvaluator):
             E.evaluate()
             E.accumulate()
             E.summarize()
-        logger.info("COCO %s evaluation:\n%s", iou_type, log.getvalue())
+        logger.debug("COCO %s evaluation:\n%s", iou_type, log.getvalue())
         m = {name: pct(v) for name, v in zip(_STATS, E.stats)}
         groups = {"all": self.dataset.category_ids}
         groups["base"] = [c for c, b in zip(self.dataset.category_ids, self.dataset.base_mask) if b]

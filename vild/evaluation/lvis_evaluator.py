@@ -56,6 +56,6 @@ class LVISEvaluator(ResultsEvaluator):
         with contextlib.redirect_stdout(io.StringIO()) as log, _numpy_float_alias():
             E.run()
             E.print_results()
-        logger.info("LVIS %s evaluation:\n%s", iou_type, log.getvalue())
+        logger.debug("LVIS %s evaluation:\n%s", iou_type, log.getvalue())
         res = E.get_results()
         return {k: pct(res[k]) for k in _KEYS}

@@ -1,0 +1,295 @@
+"""The Python API (vild.Detector), image reading (vild.io), drawing and vocabulary presets."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_util
+
+from vild import Detector
+from vild.config import load_config
+from vild.engine.trainer import save_training_checkpoint
+from vild.io import ImageReadError, read_image
+from vild.modeling import build_model
+from vild.teacher import CLIPTeacher
+from vild.teacher.clip_teacher import sha256_file
+from vild.visualize import text_color
+from vild.vocab_presets import get_preset
+
+TRAIN_VOCAB = [["circle"], ["square", "box"], ["triangle"]]
+
+
+def make_checkpoint(folder: Path, name: str = "model_final.pth", relative_teacher: bool = False, seed: int = 0) -> Path:
+    """A tiny random ViLD checkpoint whose micro CLIP teacher is saved beside it (stable, hashable weights)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = load_config("tiny_test.yaml", ["TEACHER.CACHE_DIR", str(folder / "cache")])
+    torch.manual_seed(seed)
+    CLIPTeacher.from_config(cfg).save_weights(folder / "teacher.pt")
+    cfg.TEACHER.PRETRAINED = "teacher.pt" if relative_teacher else str(folder / "teacher.pt")
+    identity = {"model": cfg.TEACHER.MODEL, "pretrained": str(folder / "teacher.pt"),
+                "sha256": sha256_file(folder / "teacher.pt")}
+    save_training_checkpoint(folder / name, cfg, build_model(cfg), None, 20, identity, TRAIN_VOCAB)
+    return folder / name
+
+
+def scene(h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:
+    """An H×W×3 uint8 RGB picture: noise plus two solid shapes."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    a[5:25, 5:25] = (220, 30, 30)
+    cv2.circle(a, (w - 18, h - 18), 12, (30, 30, 220), -1)
+    return a
+
+
+def write_test_images(folder: Path) -> dict:
+    """Good and bad image files of every kind the reader must handle; returns name → path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    p = {k: folder / k for k in ("color.png", "exif.jpg", "gray.png", "rgba.png", "deep.png", "truncated.jpg",
+                                 "notes.jpg")}
+    Image.fromarray(scene()).save(p["color.png"])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    Image.fromarray(scene(32, 64, seed=1)).save(p["exif.jpg"], exif=exif)
+    Image.fromarray(scene(seed=2)[..., 0]).save(p["gray.png"])
+    rgba = np.zeros((48, 64, 4), np.uint8)
+    rgba[:, :32] = (255, 0, 0, 0)  # fully transparent red: must come out white
+    rgba[:, 32:] = (0, 200, 0, 255)
+    Image.fromarray(rgba).save(p["rgba.png"])
+    deep = np.zeros((48, 64), np.uint16)
+    deep[:, :32], deep[:, 32:] = 65535, 100 * 257
+    Image.fromarray(deep).save(p["deep.png"])
+    Image.fromarray(scene(seed=3)).save(folder / "full.jpg")
+    data = (folder / "full.jpg").read_bytes()
+    p["truncated.jpg"].write_bytes(data[: len(data) // 2])
+    (folder / "full.jpg").unlink()
+    p["notes.jpg"].write_text("not a picture\n")
+    return p
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are too small to split; on a busy 2-core box the thread pool's syncing made a
+    forward pass ~100× slower (1.5 s vs 0.015 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict:
+    return write_test_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture
+def det(ckpt) -> Detector:
+    return Detector.from_checkpoint(ckpt, device="cpu", max_dets=10)
+
+
+# ---- reading images -----------------------------------------------------------------------------
+def test_read_image_handles_grayscale_rgba_16bit_and_exif(images):
+    gray = read_image(images["gray.png"])
+    assert gray.shape == (3, 48, 64) and gray.dtype == torch.uint8
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    rgba = read_image(images["rgba.png"])
+    assert rgba.shape == (3, 48, 64)
+    assert rgba[:, :, :32].eq(255).all(), "transparent pixels are composited on white"
+    assert rgba[:, 0, 40].tolist() == [0, 200, 0]
+    deep = read_image(images["deep.png"])
+    assert deep[:, 0, 0].tolist() == [255] * 3 and deep[:, 0, 40].tolist() == [100] * 3
+    assert read_image(images["exif.jpg"]).shape == (3, 64, 32), "EXIF orientation 6 turns 64×32 into 32×64"
+
+
+@pytest.mark.parametrize("name,reason", [("truncated.jpg", "truncated"), ("notes.jpg", "not an image"),
+                                         ("missing.png", "not found")])
+def test_read_image_errors_name_the_path_and_reason(images, name, reason):
+    path = images["color.png"].parent / name
+    with pytest.raises(ImageReadError, match=reason) as e:
+        read_image(path)
+    assert e.value.reason == reason and str(path) in str(e.value)
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def test_from_checkpoint_defaults_to_the_training_vocabulary(det):
+    assert det.names == ["circle", "square", "triangle"] and det.base_mask == [True] * 3
+    assert det.variant == "vild" and det.score_thresh == 0.0
+    r = det(scene())
+    assert 0 < len(r) <= 10
+    assert r.boxes.shape == (len(r), 4) and r.boxes.dtype == torch.float32
+    assert r.labels.dtype == torch.int64 and r.masks.dtype == torch.bool and r.masks.shape == (len(r), 48, 64)
+    assert r.names == [det.names[k] for k in r.labels.tolist()]
+    assert (r.scores[:-1] >= r.scores[1:]).all()
+
+
+def test_missing_and_corrupt_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Detector.from_checkpoint(tmp_path / "nope.pth", device="cpu")
+    marker = tmp_path / "pwned"
+
+    class Payload:  # unpickling this calls open(marker, "w"): code from the file would run
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": Payload()}, evil)
+    torch.load(evil, weights_only=False)  # the unsafe way really runs it ...
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(ValueError, match="cannot be read safely"):
+        Detector.from_checkpoint(evil, device="cpu")
+    assert not marker.exists(), "weights_only=True must not run pickled code"
+    (tmp_path / "half.pth").write_bytes(evil.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt, truncated"):
+        Detector.from_checkpoint(tmp_path / "half.pth", device="cpu")
+
+
+def test_a_different_teacher_is_refused_naming_both(tmp_path):
+    path = make_checkpoint(tmp_path)
+    trained = sha256_file(tmp_path / "teacher.pt")
+    torch.manual_seed(123)
+    CLIPTeacher("vild-test-micro", "", templates="simple").save_weights(tmp_path / "teacher.pt")
+    now = sha256_file(tmp_path / "teacher.pt")
+    with pytest.raises(ValueError, match="trained with teacher") as e:
+        Detector.from_checkpoint(path, device="cpu")
+    assert trained[:12] in str(e.value) and now[:12] in str(e.value)
+
+
+def test_relative_teacher_path_is_found_beside_the_checkpoint(tmp_path, monkeypatch):
+    path = make_checkpoint(tmp_path / "run", relative_teacher=True)
+    monkeypatch.chdir(tmp_path)  # "teacher.pt" does not exist relative to the cwd
+    assert Detector.from_checkpoint(path, device="cpu").names == ["circle", "square", "triangle"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_without_gpu_is_a_clear_error(ckpt):
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        Detector.from_checkpoint(ckpt, device="cuda")
+
+
+# ---- vocabulary ---------------------------------------------------------------------------------
+def test_vocabulary_swap_changes_names_and_base_mask(det):
+    before = det(scene())
+    det.set_vocabulary("kite, Circle|round , unicycle")
+    assert det.names == ["kite", "Circle", "unicycle"]
+    assert det.base_mask == [False, True, False], "a name matching a training name (any case) is base"
+    r = det(scene())
+    assert set(r.names) <= {"kite", "Circle", "unicycle"} and set(before.names) <= {"circle", "square", "triangle"}
+    assert r.names == [det.names[k] for k in r.labels.tolist()]
+    det.set_vocabulary([["sofa", "square"], "tv"])
+    assert det.base_mask == [True, False], "a synonym matching a training name makes it base"
+
+
+def test_text_embeddings_are_computed_once_per_vocabulary(det, monkeypatch):
+    calls = []
+    encode = det.teacher.encode_text
+    monkeypatch.setattr(det.teacher, "encode_text", lambda names: calls.append(names) or encode(names))
+    det.set_vocabulary("kite,unicycle")
+    first = det.model.roi_heads.classifier.text_embeddings.clone()
+    det.set_vocabulary("dog")
+    det.set_vocabulary("kite,unicycle")
+    assert len(calls) == 2, "the second 'kite,unicycle' must come from the in-memory cache"
+    assert torch.equal(det.model.roi_heads.classifier.text_embeddings, first)
+
+
+def test_bad_vocabularies(det):
+    for empty in ["", " , ", [], ["  "]]:
+        with pytest.raises(ValueError, match='vocabulary is empty: pass --vocab "cat,dog"'):
+            det.set_vocabulary(empty)
+    with pytest.warns(UserWarning, match="duplicate category"):
+        det.set_vocabulary("cat,dog,cat")
+    assert det.names == ["cat", "dog"]
+    with pytest.warns(UserWarning, match="duplicate category 'Cat'"):
+        det.set_vocabulary("cat,Cat")
+    assert det.names == ["cat"]
+    long_name = "extraordinarily long winded name of a thing nobody could ever fit in sixteen tokens"
+    with pytest.warns(UserWarning, match="truncated"):
+        det.set_vocabulary(["kite", long_name])
+    assert det.names == ["kite", long_name]
+
+
+# ---- inference ----------------------------------------------------------------------------------
+def test_input_types_give_identical_results(det, images):
+    rgb = np.asarray(Image.open(images["color.png"]).convert("RGB"))
+    inputs = {"path": (images["color.png"], {}), "str": (str(images["color.png"]), {}),
+              "pil": (Image.open(images["color.png"]), {}), "numpy": (rgb, {}),
+              "bgr": (np.ascontiguousarray(rgb[..., ::-1]), {"bgr": True}),
+              "tensor": (torch.from_numpy(rgb.copy()).permute(2, 0, 1), {})}
+    ref = det(rgb)
+    assert len(ref) > 0
+    for name, (x, kw) in inputs.items():
+        r = det(x, **kw)
+        assert torch.equal(r.boxes, ref.boxes) and torch.equal(r.scores, ref.scores), name
+        assert torch.equal(r.labels, ref.labels) and torch.equal(r.masks, ref.masks), name
+    assert det(images["color.png"]).source == str(images["color.png"])
+    r = det(np.ascontiguousarray(rgb[..., ::-1]))  # BGR taken as RGB: a different picture
+    assert not (len(r) == len(ref) and torch.equal(r.scores, ref.scores))
+
+
+def test_a_list_is_one_forward_pass_per_batch(det):
+    calls = []
+    det.model.register_forward_hook(lambda m, inp, out: calls.append(len(inp[0])))
+    pics = [scene(seed=s) for s in range(3)]
+    out = det(pics)
+    assert isinstance(out, list) and len(out) == 3 and calls == [3]
+    calls.clear()
+    assert len(det(pics, batch_size=2)) == 3 and calls == [2, 1]
+
+
+def test_score_threshold_and_max_dets(det):
+    det.max_dets = 3
+    assert 0 < len(det(scene())) <= 3
+    det.max_dets, det.score_thresh = 50, 0.5
+    r = det(scene())
+    assert (r.scores >= 0.5).all()
+    det.score_thresh = 1.01
+    assert len(det(scene())) == 0
+
+
+def test_to_coco_json_and_save(det, tmp_path):
+    r = det(scene())
+    dets = r.to_coco_json(image_id=7, category_ids={"circle": 11, "square": 12, "triangle": 13})
+    assert len(dets) == len(r)
+    for d, box, mask, name in zip(dets, r.boxes, r.masks, r.names):
+        x, y, w, h = d["bbox"]
+        assert np.allclose([x, y, x + w, y + h], box.tolist(), atol=0.01)
+        assert d["image_id"] == 7 and d["category_name"] == name
+        assert d["category_id"] == {"circle": 11, "square": 12, "triangle": 13}[name]
+        assert isinstance(d["segmentation"]["counts"], str)
+        assert np.array_equal(mask_util.decode(d["segmentation"]).astype(bool), mask.numpy())
+    by_order = r.to_coco_json(1, [5, 6, 7])
+    assert [d["category_id"] for d in by_order] == [[5, 6, 7][k] for k in r.labels.tolist()]
+    assert "category_id" not in r.to_coco_json(1)[0]
+    r.save(tmp_path / "out.png")
+    drawn = np.asarray(Image.open(tmp_path / "out.png"))
+    assert drawn.shape == (48, 64, 3) and not np.array_equal(drawn, scene())
+
+
+# ---- small pieces -------------------------------------------------------------------------------
+def test_label_text_colour_contrasts_with_its_background():
+    assert text_color((255, 221, 0)) == (0, 0, 0) and text_color((31, 40, 120)) == (255, 255, 255)
+
+
+def test_vocabulary_presets():
+    assert len(get_preset("coco")) == 80 and len(get_preset("coco_ovd")) == 65
+    lvis = get_preset("lvis")
+    assert len(lvis) == 1203 and len(set(lvis)) == 1203
+    assert lvis[0] == "aerosol_can" and lvis[79] == "cow" and lvis[-1] == "zucchini"  # line i = LVIS id i
+    with pytest.raises(ValueError, match="coco, coco_ovd, lvis"):
+        get_preset("voc")
+
+
+def test_import_vild_is_light():
+    code = "import sys, vild; assert 'torch' not in sys.modules; print(vild.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()

@@ -1,0 +1,183 @@
+"""tools/detect.py: input forms, vocabularies, outputs, COCO results, and every way a run can go wrong."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from test_api import make_checkpoint, scene, write_test_images  # noqa: E402 (shared fixtures' builders)
+from vild.detect_cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+GOOD = ["color.png", "deep.png", "exif.jpg", "gray.png", "rgba.png"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """See tests/test_api.py: the tiny model runs ~100× faster on one thread on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict:
+    return write_test_images(tmp_path_factory.mktemp("images"))
+
+
+def run(ckpt, inp, out, *extra) -> int:
+    args = ["--input", str(inp), "--output", str(out), "--device", "cpu", "--max-dets", "5", "--score-thresh", "0"]
+    return main(([] if ckpt is None else ["--weights", str(ckpt)]) + args + [str(e) for e in extra])
+
+
+def test_folder_with_bad_files_processes_the_rest_and_fails_at_the_end(ckpt, images, tmp_path, capsys):
+    rc = run(ckpt, images["color.png"].parent, tmp_path / "out", "--vocab", "kite,circle")
+    cap = capsys.readouterr()
+    assert rc == 1
+    assert "processed 5 images, skipped 2 (1 not an image, 1 truncated)" in cap.out.strip().splitlines()[-1]
+    assert str(images["truncated.jpg"]) in cap.err and str(images["notes.jpg"]) in cap.err
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == GOOD
+    assert Image.open(tmp_path / "out" / "exif.jpg").size == (32, 64), "EXIF-rotated output keeps the rotated shape"
+    assert Image.open(tmp_path / "out" / "deep.png").mode == "RGB"
+
+
+def test_single_file_json_round_trips_through_pycocotools(ckpt, images, tmp_path):
+    gt = {"images": [], "annotations": [], "categories": [{"id": 7, "name": "circle"}, {"id": 3, "name": "Square"}]}
+    for i, name in enumerate(GOOD):
+        w, h = Image.open(images[name]).size
+        h, w = (64, 32) if name == "exif.jpg" else (h, w)
+        gt["images"].append({"id": 100 + i, "file_name": name, "height": h, "width": w})
+        gt["annotations"].append({"id": i + 1, "image_id": 100 + i, "category_id": 7, "bbox": [4, 4, 20, 20],
+                                  "area": 400, "iscrowd": 0, "segmentation": [[4, 4, 24, 4, 24, 24, 4, 24]]})
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    glob_input = images["color.png"].parent / "*.png"  # the glob form: only the PNGs
+    rc = run(ckpt, glob_input, tmp_path / "out", "--vocab", "circle,square", "--json",
+             "--coco-gt", tmp_path / "gt.json")
+    assert rc == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["color.png", "deep.png", "gray.png", "rgba.png"]
+    coco = COCO(str(tmp_path / "gt.json"))
+    res = coco.loadRes(str(tmp_path / "out" / "detections.json"))
+    anns = list(res.anns.values())
+    assert len(anns) == 4 * 5
+    ids = {im["file_name"]: im["id"] for im in gt["images"]}
+    for a in anns:
+        assert a["image_id"] == ids[Path(a["file_name"]).name], "image ids come from the ground truth"
+        assert a["category_id"] == {"circle": 7, "square": 3}[a["category_name"]]
+        img = coco.imgs[a["image_id"]]
+        assert res.annToMask(a).shape == (img["height"], img["width"])
+    ev = COCOeval(coco, res, "segm")
+    ev.evaluate()
+    ev.accumulate()
+    assert ev.eval["precision"].shape[2] == 2  # both categories evaluated
+
+
+def test_single_image_and_ids_without_ground_truth(ckpt, images, tmp_path, capsys):
+    vocab_file = tmp_path / "v.txt"
+    vocab_file.write_text("# shapes\nsquare|box\nkite\n")
+    assert run(ckpt, images["exif.jpg"], tmp_path / "out", "--vocab-file", vocab_file, "--json") == 0
+    dets = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert len(dets) == 5 and {d["image_id"] for d in dets} == {1}
+    assert all(d["category_id"] == ["square", "kite"].index(d["category_name"]) + 1 for d in dets)
+    assert "processed 1 images, skipped 0" in capsys.readouterr().out
+
+
+def test_video_in_annotated_video_out(ckpt, tmp_path):
+    src = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(src), cv2.VideoWriter_fourcc(*"mp4v"), 5, (64, 48))
+    for i in range(5):
+        writer.write(scene(seed=i)[..., ::-1].copy())
+    writer.release()
+    assert run(ckpt, src, tmp_path / "out", "--vocab-preset", "coco_ovd", "--json", "--batch-size", "2") == 0
+    cap = cv2.VideoCapture(str(tmp_path / "out" / "clip.mp4"))
+    frames = []
+    while (f := cap.read())[0]:
+        frames.append(f[1])
+    assert len(frames) == 5 and frames[0].shape == (48, 64, 3)
+    dets = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert sorted({d["frame"] for d in dets}) == [0, 1, 2, 3, 4]
+
+
+def test_weights_omitted_takes_the_newest_checkpoint(ckpt, images, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "runs"
+    old, new = root / "a" / "model_0000010.pth", root / "b" / "deep" / "model_final.pth"
+    for p in (old, new):
+        p.parent.mkdir(parents=True)
+        p.write_bytes(ckpt.read_bytes())
+    os.utime(new, (time.time() - 100, time.time() - 100))  # model_final is older: mtime decides, not the name
+    monkeypatch.setenv("VILD_OUTPUT", str(root))
+    assert run(None, images["color.png"], tmp_path / "out") == 0
+    assert f"using the newest checkpoint under {root}: {old}" in capsys.readouterr().err
+
+
+def test_no_trained_model_says_how_to_get_one(images, tmp_path):
+    env = {**os.environ, "VILD_OUTPUT": str(tmp_path / "empty"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "detect.py"), "--input", str(images["color.png"]),
+                          "--output", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 2
+    assert "make demo" in out.stderr and "tools/train_net.py" in out.stderr
+
+
+def test_missing_and_corrupt_checkpoints(images, tmp_path, capsys):
+    assert run(tmp_path / "none.pth", images["color.png"], tmp_path / "out") == 2
+    assert "does not exist" in capsys.readouterr().err
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    torch.save({"model": Payload()}, tmp_path / "evil.pth")
+    assert run(tmp_path / "evil.pth", images["color.png"], tmp_path / "out") == 2
+    assert "cannot be read safely" in capsys.readouterr().err and not marker.exists()
+
+
+def test_unwritable_output_fails_before_any_work(images, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    # the weights do not exist either: the output check must come first
+    assert run(tmp_path / "none.pth", images["color.png"], tmp_path / "file" / "out") == 2
+    err = capsys.readouterr().err
+    assert "cannot be written" in err and "does not exist" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_without_gpu(ckpt, images, tmp_path, capsys):
+    assert main(["--weights", str(ckpt), "--input", str(images["color.png"]), "--output", str(tmp_path),
+                 "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("vocab", ["", " , | "])
+def test_empty_vocabulary(ckpt, images, tmp_path, capsys, vocab):
+    assert run(ckpt, images["color.png"], tmp_path / "out", "--vocab", vocab) == 2
+    assert 'vocabulary is empty: pass --vocab "cat,dog"' in capsys.readouterr().err
+
+
+def test_missing_input(ckpt, tmp_path, capsys):
+    assert run(ckpt, tmp_path / "nothing.png", tmp_path / "out") == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert run(ckpt, tmp_path / "empty", tmp_path / "out") == 2
+    assert "no image or video files" in capsys.readouterr().err
+
+
+def test_default_score_threshold_depends_on_the_variant(ckpt, images, tmp_path, capsys):
+    args = ["--weights", str(ckpt), "--input", str(images["color.png"]), "--output", str(tmp_path), "--json"]
+    assert main(args) == 0
+    assert "score threshold 0.3" in capsys.readouterr().err
+    assert all(d["score"] >= 0.3 for d in json.loads((tmp_path / "detections.json").read_text()))
+    assert Image.open(tmp_path / "color.png").size == (64, 48)

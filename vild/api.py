@@ -1,0 +1,257 @@
+"""The Python one-liner API: ``Detector.from_checkpoint(path)(image)`` → boxes, scores, labels, masks, names."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .config import CfgNode, cfg_from_dict
+from .engine.checkpoint import load_checkpoint
+from .engine.distributed import resolve_device
+from .io import to_image_tensor
+from .teacher import CLIPTeacher, clean_name, parse_vocabulary
+from .teacher.vocabulary import VocabLike
+
+# User-facing score thresholds per variant (the model itself keeps SCORE_THRESH_TEST, 0.0, for AP).
+# Ensemble scores of novel categories are small in absolute terms (p_T^(1-λ) stays low because the
+# text head learned novel objects as background), so a 0.3 cut would drop nearly all of them.
+DEFAULT_SCORE_THRESH = {"text": 0.3, "vild": 0.3, "ensemble": 0.05}
+
+
+def default_score_thresh(variant: str) -> float:
+    """A score threshold for showing detections to people, chosen per ViLD variant."""
+    return DEFAULT_SCORE_THRESH.get(variant, 0.3)
+
+
+@dataclass
+class DetectionResult:
+    """Detections of one image, in its original frame."""
+
+    boxes: torch.Tensor  # float32 [n, 4] xyxy pixels
+    scores: torch.Tensor  # float32 [n]
+    labels: torch.Tensor  # int64 [n], index into ``vocabulary``
+    masks: Optional[torch.Tensor]  # bool [n, H, W]; None when the model has no mask head
+    names: list[str]  # display name of each detection
+    image: torch.Tensor  # uint8 [3, H, W] RGB, the image the detections belong to
+    vocabulary: list[str] = field(default_factory=list)  # display names, label k → vocabulary[k]
+    source: Optional[str] = None  # the path it was read from, if any
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def draw(self) -> np.ndarray:
+        """The image with masks, boxes and "name score" labels drawn (RGB uint8 H×W×3)."""
+        from .visualize import draw_detections
+        return draw_detections(self.image, self.boxes, self.labels, self.scores, self.names, self.masks)
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the annotated image (format from the file extension)."""
+        from PIL import Image
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(self.draw()).save(path)
+
+    def to_coco_json(self, image_id: int = 0, category_ids: Union[Mapping[str, int], Sequence[int], None] = None
+                     ) -> list[dict]:
+        """COCO-results dicts: bbox xywh, score, category_name (+ category_id given a mapping), RLE segmentation.
+
+        ``category_ids`` maps display names to ids, or is a list of ids in vocabulary order.
+        """
+        rles = self._rles()
+        out = []
+        for i in range(len(self)):
+            x0, y0, x1, y1 = (float(v) for v in self.boxes[i])
+            d: dict[str, Any] = {"image_id": image_id, "category_name": self.names[i],
+                                 "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                                 "score": round(float(self.scores[i]), 5)}
+            if category_ids is not None:
+                d["category_id"] = self._category_id(category_ids, i)
+            if rles is not None:
+                d["segmentation"] = rles[i]
+            out.append(d)
+        return out
+
+    def _category_id(self, category_ids: Union[Mapping[str, int], Sequence[int]], i: int) -> int:
+        if isinstance(category_ids, Mapping):
+            if self.names[i] not in category_ids:
+                raise KeyError(f"category {self.names[i]!r} has no id in the mapping given to to_coco_json")
+            return int(category_ids[self.names[i]])
+        return int(category_ids[int(self.labels[i])])
+
+    def _rles(self) -> Optional[list[dict]]:
+        if self.masks is None:
+            return None
+        from pycocotools import mask as mask_util
+        if not len(self):
+            return []
+        # one call over all masks: pycocotools takes a Fortran-ordered [H, W, n] uint8 array
+        rles = mask_util.encode(np.asfortranarray(self.masks.permute(1, 2, 0).numpy().astype(np.uint8)))
+        for r in rles:
+            r["counts"] = r["counts"].decode("ascii")  # JSON needs text
+        return rles
+
+
+class Detector:
+    """An open-vocabulary detector: a trained ViLD model plus the CLIP teacher that embeds category names.
+
+    ``vocabulary`` defaults to ``training_vocabulary``; ``score_thresh`` and ``max_dets`` to the config's
+    test settings (0.0 and DETECTIONS_PER_IMAGE: right for AP, see ``default_score_thresh`` for display).
+    """
+
+    def __init__(self, model: torch.nn.Module, teacher: CLIPTeacher, cfg: CfgNode,
+                 training_vocabulary: Optional[list] = None, device: Union[str, torch.device] = "cpu",
+                 vocabulary: Optional[VocabLike] = None, score_thresh: Optional[float] = None,
+                 max_dets: Optional[int] = None, batch_size: int = 4):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.teacher, self.cfg = teacher, cfg
+        self.training_vocabulary: list[list[str]] = (parse_vocabulary(training_vocabulary, dedupe=False)
+                                                     if training_vocabulary else [])
+        self.score_thresh = float(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST if score_thresh is None else score_thresh)
+        self.max_dets = int(cfg.MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE if max_dets is None else max_dets)
+        self.batch_size = int(batch_size)
+        self._train_keys = {_key(s) for syns in self.training_vocabulary for s in syns}
+        self._emb_cache: dict[str, torch.Tensor] = {}
+        self._vocab: list[list[str]] = []
+        self._base_mask: list[bool] = []
+        if vocabulary is not None or self.training_vocabulary:
+            self.set_vocabulary(vocabulary if vocabulary is not None else self.training_vocabulary)
+
+    # ---- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: Union[str, os.PathLike], device: str = "auto", **kwargs: Any) -> "Detector":
+        """Load a vild training checkpoint (safely), its config, weights, CLIP teacher and training vocabulary."""
+        dev = resolve_device(device)
+        ckpt = load_checkpoint(path, map_location="cpu")
+        if not isinstance(ckpt.get("cfg"), dict):
+            raise ValueError(f"checkpoint {path} holds no 'cfg': not a vild training checkpoint")
+        cfg = cfg_from_dict(ckpt["cfg"])
+        cfg.TEACHER.PRETRAINED = _resolve_teacher_weights(cfg.TEACHER.PRETRAINED, Path(path).expanduser().parent)
+        teacher = CLIPTeacher.from_config(cfg, dev)
+        _check_teacher(ckpt.get("teacher") or {}, teacher, path)
+        from .modeling import build_model
+        model = build_model(cfg)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise ValueError(f"checkpoint {path}: weights do not fit the model its own config builds "
+                             f"({str(e).splitlines()[0]}...)") from None
+        return cls(model, teacher, cfg, ckpt.get("vocabulary"), device=dev, **kwargs)
+
+    # ---- vocabulary -------------------------------------------------------------------------
+    @property
+    def variant(self) -> str:
+        """The ViLD variant: text | vild | ensemble."""
+        return self.cfg.MODEL.VILD.VARIANT
+
+    @property
+    def vocabulary(self) -> list[list[str]]:
+        """The current categories, each a list of synonyms (the first is the display name)."""
+        return [list(s) for s in self._vocab]
+
+    @property
+    def names(self) -> list[str]:
+        """Display names of the current categories, in label order."""
+        return [s[0] for s in self._vocab]
+
+    @property
+    def base_mask(self) -> list[bool]:
+        """Per current category: True when it (or a synonym) was a training category."""
+        return list(self._base_mask)
+
+    def set_vocabulary(self, vocabulary: VocabLike) -> None:
+        """Detect these categories from now on: "kite,unicycle", "couch|sofa,tv", or a list of names / synonym lists."""
+        vocab = _dedupe_case_insensitive(parse_vocabulary(vocabulary))
+        key = json.dumps(vocab)
+        emb = self._emb_cache.get(key)
+        if emb is None:
+            hits = self.teacher.cache_hits
+            emb = self.teacher.encode_text(vocab)
+            if self.teacher.cache_hits > hits:
+                # a disk-cache hit skips the teacher's own check, so warn about truncated names here
+                self.teacher._warn_truncated([clean_name(s) for syns in vocab for s in syns])
+            self._emb_cache[key] = emb
+        base = [any(_key(s) in self._train_keys for s in syns) for syns in vocab]
+        self.model.set_vocabulary(emb.to(self.device), torch.tensor(base, dtype=torch.bool))
+        self._vocab, self._base_mask = vocab, base
+
+    # ---- inference --------------------------------------------------------------------------
+    def __call__(self, images: Any, bgr: bool = False, batch_size: Optional[int] = None
+                 ) -> Union[DetectionResult, list[DetectionResult]]:
+        """Detect in one image (→ one result) or a list of images (→ list, one forward pass per batch).
+
+        An image is a path, PIL image, numpy array (RGB, or BGR with ``bgr=True``) or uint8 tensor [3, H, W].
+        """
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        bs = max(1, int(batch_size or self.batch_size))
+        results: list[DetectionResult] = []
+        for i in range(0, len(items), bs):
+            chunk = items[i:i + bs]
+            sources = [str(x) if isinstance(x, (str, os.PathLike)) else None for x in chunk]
+            results += self.predict([to_image_tensor(x, bgr) for x in chunk], sources)
+        return results[0] if single else results
+
+    @torch.inference_mode()
+    def predict(self, images: list[torch.Tensor], sources: Optional[list[Optional[str]]] = None
+                ) -> list[DetectionResult]:
+        """One forward pass over uint8 RGB tensors [3, H, W]; returns a result per image."""
+        if not self._vocab:
+            raise RuntimeError('no vocabulary: call detector.set_vocabulary("cat,dog") first')
+        if not images:
+            return []
+        heads = self.model.roi_heads
+        # thresholding inside the model spares the mask head the detections that would be dropped
+        heads.score_thresh, heads.detections_per_img = self.score_thresh, self.max_dets
+        outputs = self.model([im.to(self.device) for im in images])
+        names = self.names
+        results = []
+        for im, out, src in zip(images, outputs, sources or [None] * len(images)):
+            keep = torch.nonzero(out["scores"] >= self.score_thresh).squeeze(1)[:self.max_dets]
+            labels = out["labels"][keep].cpu()
+            masks = out["masks"][keep].cpu() if "masks" in out else None
+            results.append(DetectionResult(out["boxes"][keep].float().cpu(), out["scores"][keep].float().cpu(),
+                                           labels, masks, [names[int(k)] for k in labels], im.cpu(), names, src))
+        return results
+
+
+def _key(name: str) -> str:
+    return clean_name(name).lower()
+
+
+def _dedupe_case_insensitive(vocab: list[list[str]]) -> list[list[str]]:
+    """parse_vocabulary removes exact repeats; "Cat" and "cat" embed the same, so drop those too."""
+    seen: set[str] = set()
+    out = []
+    for syns in vocab:
+        if _key(syns[0]) in seen:
+            warnings.warn(f"duplicate category {syns[0]!r} in vocabulary: keeping the first", stacklevel=3)
+            continue
+        seen.add(_key(syns[0]))
+        out.append(syns)
+    return out
+
+
+def _resolve_teacher_weights(pretrained: str, checkpoint_dir: Path) -> str:
+    """A weights file named relative to the cwd, else found beside the checkpoint; tags pass through."""
+    if not pretrained or os.path.isfile(pretrained):
+        return pretrained
+    for cand in (checkpoint_dir / pretrained, checkpoint_dir / Path(pretrained).name):
+        if cand.is_file():
+            return str(cand)
+    return pretrained  # an open_clip tag, or missing: CLIPTeacher says which
+
+
+def _check_teacher(trained_with: dict, teacher: CLIPTeacher, path: Union[str, os.PathLike]) -> None:
+    want, have = trained_with.get("sha256"), teacher.identity.get("sha256")
+    if want and have and want != have:
+        raise ValueError(
+            f"checkpoint {path} was trained with teacher {trained_with.get('model')} weights "
+            f"{trained_with.get('pretrained') or '(random init)'} (sha256 {want[:12]}…), but TEACHER.PRETRAINED "
+            f"now gives {teacher.identity['pretrained'] or '(random init)'} (sha256 {have[:12]}…): its text "
+            f"embeddings would not match the detector; put the original teacher weights file beside the checkpoint")

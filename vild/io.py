@@ -1,0 +1,98 @@
+"""Robust image reading: any file PIL can open becomes a uint8 RGB tensor [3, H, W], or a clear error."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageReadError(Exception):
+    """An input file that cannot be read as an image; ``reason`` is a short, groupable cause."""
+
+    def __init__(self, path: Union[str, os.PathLike], reason: str, detail: str = ""):
+        self.path, self.reason, self.detail = str(path), reason, detail
+        super().__init__(f"cannot read image {self.path}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+def read_image(path: Union[str, os.PathLike]) -> torch.Tensor:
+    """Read an image file as uint8 RGB [3, H, W], EXIF orientation applied; raises ImageReadError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ImageReadError(p, "not found" if not p.exists() else "not a file")
+    try:
+        with Image.open(p) as img:
+            img.load()  # PIL opens lazily: decoding errors (truncation) only surface here
+            return pil_to_tensor(img)
+    except UnidentifiedImageError:
+        raise ImageReadError(p, "not an image") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL reports broken data as any of these
+        reason = "truncated" if "truncated" in str(e) else "corrupt"
+        raise ImageReadError(p, reason, str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """Convert any PIL image (grayscale, palette, RGBA, 16-bit, CMYK) to uint8 RGB [3, H, W]."""
+    img = ImageOps.exif_transpose(img)
+    return torch.from_numpy(np.array(_to_rgb_array(img))).permute(2, 0, 1).contiguous()  # np.array: writable copy
+
+
+def _to_rgb_array(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return np.repeat(_high_depth_to_uint8(np.asarray(img))[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # transparent pixels usually hold garbage colours: composite on white like a viewer would
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    return np.asarray(img.convert("RGB"))
+
+
+def _high_depth_to_uint8(a: np.ndarray) -> np.ndarray:
+    """16/32-bit integer images span 0..65535; float images have no fixed range, so stretch them."""
+    is_float = a.dtype.kind == "f"
+    a = a.astype(np.float64)
+    if is_float and (a.max() > 65535 or a.min() < 0 or a.max() <= 1.0):
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo if hi > lo else 1.0) * 255.0
+    else:
+        a = a / 257.0  # 65535 / 255
+    return np.clip(np.round(a), 0, 255).astype(np.uint8)
+
+
+def to_image_tensor(image: object, bgr: bool = False) -> torch.Tensor:
+    """Path, PIL image, numpy array (H×W, H×W×3/4; RGB unless ``bgr``) or tensor [3,H,W] → uint8 RGB [3,H,W]."""
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image)
+    if isinstance(image, Image.Image):
+        return pil_to_tensor(image)
+    if isinstance(image, np.ndarray):
+        return _array_to_tensor(image, bgr)
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"image tensors must be [3, H, W] RGB; got shape {tuple(image.shape)}")
+        if image.dtype != torch.uint8:
+            # the model's convention: float images are on the 0..255 scale
+            image = image.float().round().clamp(0, 255).to(torch.uint8)
+        return image.flip(0) if bgr else image
+    raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, PIL image, numpy array or tensor")
+
+
+def _array_to_tensor(a: np.ndarray, bgr: bool) -> torch.Tensor:
+    if a.dtype == np.uint16:
+        a = _high_depth_to_uint8(a)
+    elif a.dtype != np.uint8:
+        a = np.clip(np.round(a), 0, 255).astype(np.uint8)  # the model's convention: values on 0..255
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise ValueError(f"numpy images must be H×W, H×W×3 or H×W×4; got shape {a.shape}")
+    if a.shape[2] == 4:
+        a = a[..., [2, 1, 0, 3]] if bgr else a
+        return pil_to_tensor(Image.fromarray(np.ascontiguousarray(a)))
+    if bgr:
+        a = a[..., ::-1]
+    return torch.from_numpy(np.array(a)).permute(2, 0, 1).contiguous()
