@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from vild.synthetic.world import generate_world
 
@@ -37,3 +38,27 @@ def coco_ovd_world(world) -> dict:
         out[f"coco_{split}"] = str(path)
         out[f"images_{split}"] = world[f"images_{split}"]
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models' ops are too small to split over threads; on a busy 2-core box the thread pool's
+    syncing made a forward pass ~100x slower (1.5 s vs 0.015 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A tiny ViLD checkpoint with a saved micro teacher (see tests/test_api.py)."""
+    from test_api import make_checkpoint
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict:
+    """Test images of every awkward kind (see tests/test_api.py)."""
+    from test_api import write_test_images
+    return write_test_images(tmp_path_factory.mktemp("images"))

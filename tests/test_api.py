@@ -21,6 +21,8 @@ from vild.teacher.clip_teacher import sha256_file
 from vild.visualize import text_color
 from vild.vocab_presets import get_preset
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TRAIN_VOCAB = [["circle"], ["square", "box"], ["triangle"]]
 
 
@@ -69,26 +71,6 @@ def write_test_images(folder: Path) -> dict:
     (folder / "full.jpg").unlink()
     p["notes.jpg"].write_text("not a picture\n")
     return p
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to split; on a busy 2-core box the thread pool's syncing made a
-    forward pass ~100× slower (1.5 s vs 0.015 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> dict:
-    return write_test_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture

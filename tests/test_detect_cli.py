@@ -16,27 +16,10 @@ from pycocotools.cocoeval import COCOeval
 from test_api import make_checkpoint, scene, write_test_images  # noqa: E402 (shared fixtures' builders)
 from vild.detect_cli import main
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parent.parent
 GOOD = ["color.png", "deep.png", "exif.jpg", "gray.png", "rgba.png"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """See tests/test_api.py: the tiny model runs ~100× faster on one thread on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> dict:
-    return write_test_images(tmp_path_factory.mktemp("images"))
 
 
 def run(ckpt, inp, out, *extra) -> int:

@@ -170,11 +170,7 @@ class Detector:
         key = json.dumps(vocab)
         emb = self._emb_cache.get(key)
         if emb is None:
-            hits = self.teacher.cache_hits
             emb = self.teacher.encode_text(vocab)
-            if self.teacher.cache_hits > hits:
-                # a disk-cache hit skips the teacher's own check, so warn about truncated names here
-                self.teacher._warn_truncated([clean_name(s) for syns in vocab for s in syns])
             self._emb_cache[key] = emb
         base = [any(_key(s) in self._train_keys for s in syns) for syns in vocab]
         self.model.set_vocabulary(emb.to(self.device), torch.tensor(base, dtype=torch.bool))

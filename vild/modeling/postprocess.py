@@ -12,33 +12,47 @@ def select_detections(boxes: torch.Tensor, scores: torch.Tensor, score_thresh: f
     Only the ``topk_candidates`` best (box, class) pairs enter NMS (0 = all): with 1203 classes and
     score threshold 0 there are over a million candidates, and per-class NMS over all of them is
     what makes a naive post-process slow.
+
+    On the top-k path the score threshold is applied after NMS, on the (sorted) survivors: a candidate
+    under the threshold scores lower than every candidate over it, so it can only suppress candidates
+    that are under the threshold too, and the result equals thresholding first. That leaves one
+    data-dependent size (NMS's own) and so one device-to-host sync per image.
     """
     num_classes = scores.shape[1]
-    flat = scores.flatten()
-    keep = flat > score_thresh
+    flat = scores.reshape(-1)
     if topk_candidates > 0 and flat.numel() > topk_candidates:
-        # top-k first (one kernel, no sync), then the threshold on the survivors
-        cand_scores, idx = flat.topk(topk_candidates)
-        keep = cand_scores > score_thresh
-        cand_scores, idx = cand_scores[keep], idx[keep]
+        cand_scores, idx = flat.topk(topk_candidates)  # sorted, one kernel, no sync
     else:
-        idx = keep.nonzero().squeeze(1)
+        idx = (flat > score_thresh).nonzero().squeeze(1)
         cand_scores = flat[idx]
     box_idx = torch.div(idx, num_classes, rounding_mode="floor")
     labels = idx % num_classes
     cand_boxes = boxes[box_idx]
     keep = batched_nms(cand_boxes.float(), cand_scores.float(), labels, nms_thresh)[:max_dets]
+    if topk_candidates > 0 and flat.numel() > topk_candidates:
+        # NMS returns survivors by decreasing score, so the ones over the threshold are a prefix
+        keep = keep[cand_scores[keep] > score_thresh]
     return cand_boxes[keep], cand_scores[keep], labels[keep]
 
 
-def _paste_weights(lo: torch.Tensor, hi: torch.Tensor, size: int, length: int) -> torch.Tensor:
-    """Bilinear weights [n, length, size] mapping a mask axis of ``size`` cells onto pixels [0, length)."""
+def _paste_weights_t(lo: torch.Tensor, hi: torch.Tensor, size: int, length: int) -> torch.Tensor:
+    """Bilinear weights [n, size, length] (mask cell × pixel) mapping a mask axis onto pixels [0, length).
+
+    Pixels are the last (contiguous, long) axis and the arithmetic is in place: on CPUs the
+    [n, length, size] layout with its 28-wide inner axis made these few ops cost more than the matmuls.
+    """
     # pixel centres in mask-cell units, align_corners=False; cells outside the mask read as zero
     centers = torch.arange(length, device=lo.device, dtype=torch.float32) + 0.5
     scale = (hi - lo).clamp_min(1e-6) / size
     u = (centers[None, :] - lo[:, None]) / scale[:, None] - 0.5  # [n, length]
     cells = torch.arange(size, device=lo.device, dtype=torch.float32)
-    return (1.0 - (u[:, :, None] - cells[None, None, :]).abs()).clamp_min(0.0)
+    d = u[:, None, :] - cells[None, :, None]  # [n, size, length]
+    return d.abs_().neg_().add_(1.0).clamp_min_(0.0)
+
+
+def _paste_weights(lo: torch.Tensor, hi: torch.Tensor, size: int, length: int) -> torch.Tensor:
+    """Bilinear weights [n, length, size] mapping a mask axis of ``size`` cells onto pixels [0, length)."""
+    return _paste_weights_t(lo, hi, size, length).transpose(1, 2)
 
 
 def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int, threshold: float = 0.5,
@@ -46,15 +60,31 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: in
     """Paste [n, m, m] mask probabilities into boxes of an image at once: bool [n, height, width].
 
     Bilinear resampling is separable, so each pasted mask is Wy · M · Wxᵀ: two batched matmuls
-    instead of one interpolation per detection; chunks bound the memory of the output.
+    instead of one interpolation per detection; chunks bound the memory of the float images. The
+    weights and Wy · M are computed for all detections at once (they are small: [n, H or W, m]);
+    each chunk's float image goes into one buffer reused across chunks and the comparison writes
+    straight into the output (no fresh chunk-sized allocations: on CPUs those are page faults).
     """
     n, m = masks.shape[0], masks.shape[-1]
-    out = torch.zeros((n, height, width), dtype=torch.bool, device=masks.device)
-    masks = masks.reshape(n, m, m).float()
-    for s in range(0, n, chunk):
-        b = boxes[s:s + chunk].float()
-        wy = _paste_weights(b[:, 1], b[:, 3], m, height)
-        wx = _paste_weights(b[:, 0], b[:, 2], m, width)
-        out[s:s + chunk] = (wy @ masks[s:s + chunk] @ wx.transpose(1, 2)) >= threshold
-    return out
+    out = torch.empty((n, height, width), dtype=torch.bool, device=masks.device)  # every row is written
+    if n == 0:
+        return out
+    with torch.autocast(masks.device.type, enabled=False):  # fp32 resampling, whatever the caller autocasts
+        return _paste(masks.reshape(n, m, m).float(), boxes.float(), out, height, width, threshold, chunk)
 
+
+def _paste(masks: torch.Tensor, boxes: torch.Tensor, out: torch.Tensor, height: int, width: int,
+           threshold: float, chunk: int) -> torch.Tensor:
+    n, m = masks.shape[0], masks.shape[-1]
+    # the (small) weights of all detections at once: a few large ops instead of a few per chunk
+    wy = _paste_weights_t(boxes[:, 1], boxes[:, 3], m, height).transpose(1, 2)  # [n, H, m]
+    wx_t = _paste_weights_t(boxes[:, 0], boxes[:, 2], m, width)  # [n, m, W]
+    rows = torch.bmm(wy, masks)  # [n, H, m]
+    c = min(chunk, n)
+    buf = torch.empty((c, height, width), dtype=torch.float32, device=masks.device)
+    for s in range(0, n, c):
+        e = min(s + c, n)
+        dst = buf[: e - s]
+        torch.bmm(rows[s:e], wx_t[s:e], out=dst)
+        torch.ge(dst, threshold, out=out[s:e])
+    return out

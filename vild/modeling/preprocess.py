@@ -53,8 +53,11 @@ class ImagePreprocessor(nn.Module):
                     paste: bool = True) -> list[dict]:
         """Rescale boxes to the original images and paste masks there (bool [n, H, W])."""
         for r, (h, w), (oh, ow) in zip(results, image_sizes, original_sizes):
-            ratio = torch.tensor([ow / w, oh / h, ow / w, oh / h], device=r["boxes"].device)
-            r["boxes"] = r["boxes"] * ratio
+            # scalar multiplies: no small host-to-device copy per image
+            b = r["boxes"].clone()
+            b[:, 0::2] *= ow / w
+            b[:, 1::2] *= oh / h
+            r["boxes"] = b
             if "mask_probs" in r and paste:
                 r["masks"] = paste_masks(r.pop("mask_probs"), r["boxes"], oh, ow, mask_threshold)
         return results

@@ -163,6 +163,8 @@ class CLIPTeacher(nn.Module):
         vocab = parse_vocabulary(names, dedupe=False) if not isinstance(names, str) else parse_vocabulary(names)
         if not isinstance(names, str) and len(vocab) != len(names):
             raise ValueError("every vocabulary entry needs a non-blank name (a blank would shift label indices)")
+        synonyms = [clean_name(s) for syns in vocab for s in syns]
+        self._warn_truncated(synonyms)  # also on a cache hit: the user should hear it every time
         path = self.text_cache_path(vocab)
         if path.is_file():
             try:
@@ -180,7 +182,6 @@ class CLIPTeacher(nn.Module):
 
     def _encode_vocab(self, vocab: list[list[str]]) -> Tensor:
         synonyms = [clean_name(s) for syns in vocab for s in syns]
-        self._warn_truncated(synonyms)
         prompts = [(i, fill_template(t, s)) for i, s in enumerate(synonyms) for t in self.templates]
         # Sums of unit vectors point along their mean, so summing per synonym is enough.
         per_syn = torch.zeros(len(synonyms), self.embed_dim)
@@ -226,19 +227,33 @@ class CLIPTeacher(nn.Module):
         """Per image, [n_i, D] L2-normalised CLIP embeddings of its xyxy boxes (crop scales averaged)."""
         if len(images) != len(boxes_list):
             raise ValueError(f"{len(images)} images but {len(boxes_list)} box tensors")
-        results = []
-        for image, boxes in zip(images, boxes_list):
+        sums = [torch.zeros(len(b), self.embed_dim) for b in boxes_list]
+        # crops of all images and scales share encoder batches: a few boxes per call would leave
+        # the encoder running at tiny batch sizes (per-call overhead dominated on CPU)
+        pending: list[Tensor] = []
+        owners: list[tuple[int, int]] = []
+
+        def flush() -> None:
+            emb = self.embed_crops(torch.cat(pending))
+            for (i, lo), e in zip(owners, emb.split([len(c) for c in pending])):
+                sums[i][lo:lo + len(e)] += e
+            pending.clear()
+            owners.clear()
+
+        for i, (image, boxes) in enumerate(zip(images, boxes_list)):
             img = image.to(self.device, torch.float32).unsqueeze(0) / 255.0
             boxes = boxes.to(self.device, torch.float32).reshape(-1, 4)
-            acc = torch.zeros(len(boxes), self.embed_dim)
             for s in self.crop_scales:
                 scaled = _scale_boxes(boxes, s, img.shape[-2], img.shape[-1])
                 for b in range(0, len(scaled), self.batch_size):
-                    crops = roi_align(img, [scaled[b:b + self.batch_size]], self.image_size,
-                                      spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-                    acc[b:b + self.batch_size] += self.embed_crops(crops)
-            results.append(F.normalize(acc, dim=-1))
-        return results
+                    pending.append(roi_align(img, [scaled[b:b + self.batch_size]], self.image_size,
+                                             spatial_scale=1.0, sampling_ratio=-1, aligned=True))
+                    owners.append((i, b))
+                    if sum(len(c) for c in pending) >= self.batch_size:
+                        flush()
+        if pending:
+            flush()
+        return [F.normalize(acc, dim=-1) for acc in sums]
 
     def save_weights(self, path: Union[str, os.PathLike]) -> None:
         """Write the state dict so ``open_clip.create_model(name, pretrained=path)`` loads it back."""

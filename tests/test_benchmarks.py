@@ -1,0 +1,61 @@
+"""Smoke test of benchmarks/run.py: every figure runs at a tiny size and the JSON is well formed (no timings checked)."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_benchmark_smoke_writes_wellformed_json(tmp_path):
+    out = tmp_path / "smoke.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+
+    m = res["machine"]
+    for key in ("cpu", "cpu_cores", "torch", "torchvision", "open_clip"):
+        assert m[key], key
+    assert "gpu" in m
+
+    figs = res["figures"]
+    assert set(figs) == {"inference", "crops", "training", "precompute", "vocabulary"}
+
+    inf = figs["inference"]
+    assert inf["rows"]
+    for row in inf["rows"]:
+        for k in ("vild", "torchvision"):
+            assert _finite(row[k]["images_per_s"])
+            assert row[k]["mean_detections"] == inf["detections_per_image"]  # both fill the detection cap
+            assert row[k]["masks_ok"]
+        assert _finite(row["ratio"])
+        assert row["target"] is None or isinstance(row["target"]["met"], bool)
+    assert {"backbone+fpn", "rpn", "box_head", "mask_head", "mask_paste", "total"} <= \
+        set(next(iter(inf["stage_seconds_per_batch"].values()))["vild"])
+
+    crops = figs["crops"]
+    assert _finite(crops["vild"]["images_per_s"]) and _finite(crops["clip_crops"]["images_per_s"])
+    assert crops["crops_per_image"] == 2 * crops["proposals_embedded"]
+
+    tr = figs["training"]
+    for k in ("vild", "torchvision"):
+        assert _finite(tr[k]["steps_per_s"])
+        assert isinstance(tr[k]["peak_memory_mib"], (int, float))
+    assert "loss_distill" in tr["vild"]["losses"]
+    assert isinstance(tr["target"]["met"], bool)
+
+    pc = figs["precompute"]
+    assert _finite(pc["writer"]["images_per_s"]) and _finite(pc["encode_image"]["images_per_s"])
+    assert isinstance(pc["target"]["met"], bool)
+
+    voc = figs["vocabulary"]
+    assert _finite(voc["cold"]["seconds"]) and _finite(voc["cached_1203"]["seconds_median"])
+    assert _finite(voc["set_vocabulary"]["seconds_median"])
+
+    assert {t["figure"] for t in res["targets"]} >= {"inference", "training", "precompute"}
