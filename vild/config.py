@@ -176,6 +176,7 @@ _DEFAULTS: dict = {
             "NUM_CONV": 4,
             "CONV_DIM": 256,
             "POOLER_RESOLUTION": 14,
+            "POOLER_SAMPLING_RATIO": 2,
             "MASK_THRESHOLD": 0.5,
         },
         "VILD": {

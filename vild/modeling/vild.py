@@ -97,7 +97,7 @@ def build_model(cfg) -> ViLD:
     mask_pooler = mask_head = mask_predictor = None
     if m.MASK_ON:
         mh = m.ROI_MASK_HEAD
-        mask_pooler = MultiScaleRoIAlign(levels, mh.POOLER_RESOLUTION, 2)
+        mask_pooler = MultiScaleRoIAlign(levels, mh.POOLER_RESOLUTION, mh.POOLER_SAMPLING_RATIO)
         mask_head = MaskRCNNHeads(channels, [mh.CONV_DIM] * mh.NUM_CONV, 1, norm_layer=head_norm)
         mask_predictor = MaskRCNNPredictor(mh.CONV_DIM, mh.CONV_DIM, 1)  # class-agnostic: one mask channel
     rh = m.ROI_HEADS

@@ -1,0 +1,182 @@
+"""Shared pieces of the benchmarks: machine description, synchronised timers, model builders, inputs."""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+LVIS_CLASSES = 1203
+LVIS_BASE_CLASSES = 866  # LVIS v1 frequent + common: the training vocabulary of ViLD on LVIS
+EMBED_DIM = 512
+
+
+def log(msg: str) -> None:
+    """Progress line, flushed at once (the run takes minutes)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict:
+    """CPU model and cores, GPU name, library versions: what a number in the JSON was measured on."""
+    import open_clip
+    import torchvision
+    info = {
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "open_clip": open_clip.__version__,
+        "platform": platform.platform(),
+    }
+    if device.type == "cuda":
+        info["cuda"] = torch.version.cuda
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2 ** 30, 1)
+    return info
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work, so wall-clock timers measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable, device: torch.device):
+    """Run ``fn`` once between device synchronisations: (result, seconds)."""
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t
+
+
+def interleaved(fns: dict[str, Callable], device: torch.device, repeats: int, warmup: int = 0,
+                on_result: Callable | None = None, label: str = "") -> dict[str, list[float]]:
+    """Time each function ``repeats`` times, alternating A, B, A, B (shared-machine noise hits both alike).
+
+    ``warmup`` untimed rounds come first; ``on_result(name, result)`` sees every timed result.
+    """
+    for w in range(warmup):
+        for name, fn in fns.items():
+            _, dt = timed(fn, device)
+            log(f"  {label} warm-up {w + 1}/{warmup} {name}: {dt:.2f}s")
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeats):
+        order = list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]
+        for name, fn in order:
+            out, dt = timed(fn, device)
+            times[name].append(dt)
+            if on_result is not None:
+                on_result(name, out)
+            log(f"  {label} run {r + 1}/{repeats} {name}: {dt:.2f}s")
+    return times
+
+
+def median(xs: list[float]) -> float:
+    """Median (robust to the odd slow run on a shared machine)."""
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast for the "bf16" figures, nothing for "fp32"."""
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def random_text_embeddings(k: int, dim: int = EMBED_DIM, seed: int = 0) -> torch.Tensor:
+    """[k, dim] random unit vectors: an LVIS-sized vocabulary for a random-weight detector."""
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(k, dim, generator=g), dim=-1)
+
+
+def lvis_like_names(k: int) -> list[str]:
+    """Synthetic LVIS-style category names ("bow_(weapon)" shape, some with synonyms)."""
+    stems = ["apple", "bottle", "cup", "kite", "lamp", "sofa", "teapot", "tractor", "umbrella", "zebra",
+             "bow", "bolt", "crate", "drum", "easel", "flute", "glove", "helmet", "iron", "jar"]
+    kinds = ["weapon", "container", "toy", "furniture", "tool", "vehicle", "food", "animal"]
+    names = []
+    for i in range(k):
+        name = f"{stems[i % len(stems)]}_{i}_({kinds[i % len(kinds)]})"
+        names.append(f"{name}|{stems[i % len(stems)]} {i}" if i % 5 == 0 else name)
+    return names
+
+
+def vild_config(size: int, proposals: int | None = None, detections: int | None = None, device: str = "cpu",
+                extra_opts: list[str] | None = None):
+    """configs/vild_r50.yaml (the paper's R50-FPN ViLD) at a test size; proposal/detection counts as given.
+
+    ``extra_opts`` (KEY VALUE ...) are for ablations only, e.g. the 2-fc box head of torchvision's model.
+    """
+    from vild.config import load_config
+    opts = ["INPUT.TEST_SIZE", str(size), "INPUT.IMAGE_SIZE", str(size), "MODEL.DEVICE", device]
+    if proposals is not None:
+        opts += ["MODEL.RPN.POST_NMS_TOPK_TEST", str(proposals),
+                 "MODEL.RPN.PRE_NMS_TOPK_TEST", str(max(proposals, 1000))]
+    if detections is not None:
+        opts += ["MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE", str(detections)]
+    return load_config("vild_r50.yaml", opts + list(extra_opts or []))
+
+
+def build_vild(size: int, device: torch.device, num_classes: int = LVIS_CLASSES, proposals: int | None = None,
+               detections: int | None = None, seed: int = 0, extra_opts: list[str] | None = None):
+    """Random-init ViLD R50-FPN with a random ``num_classes`` vocabulary, in eval mode (BN uses running stats)."""
+    from vild.modeling import build_model
+    torch.manual_seed(seed)
+    model = build_model(vild_config(size, proposals, detections, extra_opts=extra_opts))
+    model.set_vocabulary(random_text_embeddings(num_classes, model.embed_dim, seed=seed))
+    return model.to(device).eval()
+
+
+def build_torchvision(size: int, device: torch.device, proposals: int | None = None, detections: int = 300,
+                      seed: int = 0):
+    """torchvision's Mask R-CNN R50-FPN, random init, 91 classes, score threshold 0, at the same image size."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+    torch.manual_seed(seed)
+    kw = {}
+    if proposals is not None:
+        kw.update(rpn_post_nms_top_n_test=proposals, rpn_pre_nms_top_n_test=max(proposals, 1000))
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, box_score_thresh=0.0,
+                                  box_detections_per_img=detections, min_size=size, max_size=size, **kw)
+    return model.to(device).eval()
+
+
+def random_images(n: int, size: int, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` uint8 [3, size, size] noise images (random weights do not care what is in them)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g).to(device) for _ in range(n)]
+
+
+def random_boxes(n: int, height: int, width: int, seed: int = 0, min_side: float = 8.0) -> torch.Tensor:
+    """[n, 4] xyxy float boxes inside the image, each side at least ``min_side`` pixels."""
+    g = torch.Generator().manual_seed(seed)
+    min_side = min(min_side, height / 2, width / 2)
+    wh = torch.rand(n, 2, generator=g) * torch.tensor([width - min_side, height - min_side]) * 0.6 + min_side
+    xy = torch.rand(n, 2, generator=g) * (torch.tensor([width, height]) - wh)
+    return torch.cat([xy, xy + wh], dim=1)
