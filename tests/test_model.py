@@ -225,3 +225,21 @@ def test_batched_mask_paste_matches_naive_and_torchvision():
     union = (ours | ref).sum((1, 2)).float()
     iou = inter[union > 0] / union[union > 0]
     assert iou.mean() > 0.9 and iou.min() > 0.7  # torchvision rounds boxes to whole pixels; we do not
+
+
+def test_masks_are_computed_once_per_distinct_box():
+    """Detections of several classes from one proposal share box and mask; the mask head sees each box once."""
+    model = tiny_model("vild", **{"MODEL.ROI_HEADS.NMS_THRESH_TEST": 0.99, "MODEL.RPN.POST_NMS_TOPK_TEST": 5})
+    model.set_vocabulary(vocab(6))
+    model.eval()
+    img, _ = scene()
+    seen = []
+    model.roi_heads.mask_head.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
+    with torch.no_grad():
+        out = model([img], paste_masks=False)[0]
+    distinct = torch.unique(out["boxes"], dim=0)
+    assert len(distinct) < len(out["boxes"])  # some proposals produced detections of several classes
+    assert seen == [len(distinct)]
+    for box in distinct:
+        same = (out["boxes"] == box).all(1)
+        assert torch.equal(out["mask_probs"][same], out["mask_probs"][same][:1].expand(int(same.sum()), -1, -1))

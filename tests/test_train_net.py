@@ -94,18 +94,28 @@ def test_precompute_store_then_distill_and_resume_matches_uninterrupted(world, t
 
 
 def test_torchrun_two_processes_on_cpu(world, teacher_file):
+    """``--num-gpus 2`` re-launches the script under ``torchrun --standalone``: DDP over gloo on the CPU."""
     out = teacher_file / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tools" / "train_net.py"), "--config", "tiny_test.yaml",
+    cmd = [sys.executable, str(ROOT / "tools" / "train_net.py"), "--num-gpus", "2", "--config", "tiny_test.yaml",
            *world_opts(world, out, max_iter=3, **{"SOLVER.CHECKPOINT_PERIOD": 100, "SOLVER.IMS_PER_BATCH": 4})]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
     assert sorted(p.name for p in out.glob("model_*.pth")) == ["model_final.pth"]
     assert load_checkpoint(out / "model_final.pth")["iteration"] == 3
     metrics = json.loads((out / "inference" / "synth_val" / "metrics.json").read_text())
     assert "bbox" in metrics
     # both ranks' predictions reached rank 0: every val image has results
     res = json.loads((out / "inference" / "synth_val" / "results_bbox.json").read_text())
-    assert {r["image_id"] for r in res} == {i for i in range(1, 10**6)} & {r["image_id"] for r in res}
     assert len({r["image_id"] for r in res}) == world["num_val"]
+
+
+def test_bf16_autocast_and_non_finite_loss_stop(world, teacher_file, monkeypatch):
+    out = teacher_file / "bf16"
+    train_main(["--config", "tiny_test.yaml", *world_opts(world, out, max_iter=2, **{
+        "SOLVER.AMP": "bf16", "DATASETS.TEST": []})])
+    assert load_checkpoint(out / "model_final.pth")["iteration"] == 2
+    with pytest.raises(FloatingPointError, match="non-finite.*BASE_LR"):
+        train_main(["--config", "tiny_test.yaml", *world_opts(world, teacher_file / "nan", max_iter=2, **{
+            "SOLVER.BASE_LR": 1e30, "SOLVER.WARMUP_ITERS": 0, "DATASETS.TEST": []})])

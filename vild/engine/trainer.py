@@ -222,12 +222,13 @@ class Trainer:
                 optimizer.step()
             if (it + 1) % cfg.SOLVER.LOG_PERIOD == 0 or it + 1 == max_iter:
                 scalars = {k: v.item() for k, v in losses.items()}
-                scalars.update(total_loss=float(total), lr=optimizer.param_groups[0]["lr"])
+                scalars.update(total_loss=total.item(), lr=optimizer.param_groups[0]["lr"])
                 spi, left = eta(it)
                 scalars["sec_per_iter"] = spi
                 writer.write(it + 1, scalars)
-                log.info("iter %d/%d  loss %.3f  (%s)  lr %.2e  %.2fs/it  eta %s", it + 1, max_iter, total,
-                         "  ".join(f"{k} {v:.3f}" for k, v in losses.items()), scalars["lr"], spi, left)
+                log.info("iter %d/%d  loss %.3f  (%s)  lr %.2e  %.2fs/it  eta %s", it + 1, max_iter,
+                         scalars["total_loss"], "  ".join(f"{k} {scalars[k]:.3f}" for k in losses), scalars["lr"],
+                         spi, left)
             last = it + 1 == max_iter
             if (it + 1) % cfg.SOLVER.CHECKPOINT_PERIOD == 0 or last:
                 self._checkpoint(it + 1, optimizer, scaler, final=last)

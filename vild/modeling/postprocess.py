@@ -6,8 +6,9 @@ from torchvision.ops import batched_nms
 
 
 def select_detections(boxes: torch.Tensor, scores: torch.Tensor, score_thresh: float, nms_thresh: float,
-                      max_dets: int, topk_candidates: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-class NMS over [R, 4] class-agnostic boxes and [R, K] scores; returns boxes, scores, labels.
+                      max_dets: int, topk_candidates: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-class NMS over [R, 4] class-agnostic boxes and [R, K] scores; returns boxes, scores, labels, box rows.
 
     Only the ``topk_candidates`` best (box, class) pairs enter NMS (0 = all): with 1203 classes and
     score threshold 0 there are over a million candidates, and per-class NMS over all of them is
@@ -32,7 +33,7 @@ def select_detections(boxes: torch.Tensor, scores: torch.Tensor, score_thresh: f
     if topk_candidates > 0 and flat.numel() > topk_candidates:
         # NMS returns survivors by decreasing score, so the ones over the threshold are a prefix
         keep = keep[cand_scores[keep] > score_thresh]
-    return cand_boxes[keep], cand_scores[keep], labels[keep]
+    return cand_boxes[keep], cand_scores[keep], labels[keep], box_idx[keep]
 
 
 def _paste_weights_t(lo: torch.Tensor, hi: torch.Tensor, size: int, length: int) -> torch.Tensor:

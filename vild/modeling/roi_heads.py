@@ -141,25 +141,37 @@ class ViLDRoIHeads(nn.Module):
         p_image = F.softmax(self.classifier(img_emb, with_background=False).float(), dim=-1)
         return ensemble_scores(p_text, p_image, self.classifier.base_mask, self.ensemble_lambda), deltas
 
+    def _predict_masks(self, features: dict, image_sizes: list, results: list[dict], rows: list[torch.Tensor]) -> None:
+        """Class-agnostic masks, computed once per distinct box: detections of several classes from one
+        proposal share their box (class-agnostic regression), and so their mask."""
+        inverse, boxes = [], []
+        for r, row in zip(results, rows):
+            u, inv = torch.unique(row, return_inverse=True)
+            first = torch.full((len(u),), len(row), dtype=torch.long, device=row.device)
+            first.scatter_reduce_(0, inv, torch.arange(len(row), device=row.device), reduce="amin")
+            inverse.append(inv)
+            boxes.append(r["boxes"][first])
+        m = self.mask_pooler.output_size[0] * 2
+        if sum(len(b) for b in boxes):
+            probs = self.mask_predictor(self.mask_head(self.mask_pooler(features, boxes, image_sizes))).sigmoid()
+        else:
+            probs = features[next(iter(features))].new_zeros((0, 1, m, m))
+        for r, p, inv in zip(results, probs.split([len(b) for b in boxes]), inverse):
+            r["mask_probs"] = p[:, 0][inv]
+
     def forward_test(self, features: dict, proposals: list[torch.Tensor], image_sizes: list) -> list[dict]:
         """Detections per image in the frame of the (resized) network input; masks as [n, M, M] probabilities."""
         pooled = self.box_pooler(features, proposals, image_sizes)
         scores, deltas = self.class_scores(pooled)
         boxes = self.box_coder.decode(deltas.float(), proposals).squeeze(1)
         counts = [len(p) for p in proposals]
-        results = []
+        results, rows = [], []
         for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes):
             b = box_ops.clip_boxes_to_image(b, size)
-            db, ds, dl = select_detections(b, s, self.score_thresh, self.nms_thresh, self.detections_per_img,
-                                           self.topk_candidates)
+            db, ds, dl, row = select_detections(b, s, self.score_thresh, self.nms_thresh, self.detections_per_img,
+                                                self.topk_candidates)
             results.append({"boxes": db, "scores": ds, "labels": dl})
+            rows.append(row)
         if self.mask_on:
-            det_boxes = [r["boxes"] for r in results]
-            if sum(len(b) for b in det_boxes):
-                probs = self.mask_predictor(self.mask_head(self.mask_pooler(features, det_boxes, image_sizes))).sigmoid()
-            else:
-                m = self.mask_pooler.output_size[0] * 2
-                probs = boxes.new_zeros((0, 1, m, m))
-            for r, p in zip(results, probs.split([len(b) for b in det_boxes])):
-                r["mask_probs"] = p[:, 0]
+            self._predict_masks(features, image_sizes, results, rows)
         return results

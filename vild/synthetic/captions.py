@@ -29,10 +29,10 @@ _SYNONYMS = {c.name: c.synonyms for c in CATEGORIES}
 
 
 def _caption(rng: np.random.Generator, name: str, color: str, size: float, bg: str,
-             other: str | None) -> str:
+             other: str | None, template_share: float = 0.5) -> str:
     syn = _SYNONYMS[name]
     word = syn[int(rng.integers(len(syn)))] if rng.random() < 0.2 else name
-    if rng.random() < 0.5:
+    if rng.random() < template_share:
         return fill_template(VILD_TEMPLATES[int(rng.integers(len(VILD_TEMPLATES)))], word)
     choices = [t for t in _DESCRIPTIVE if other is not None or "{other}" not in t]
     t = choices[int(rng.integers(len(choices)))]
@@ -43,7 +43,7 @@ def _caption(rng: np.random.Generator, name: str, color: str, size: float, bg: s
 
 def render_crop(rng: np.random.Generator, crop_size: int = 32, canvas: int = 80,
                 size_range: tuple[float, float] = (12, 48),
-                max_others: int = 1) -> tuple[np.ndarray, str, int]:
+                max_others: int = 1, template_share: float = 0.5) -> tuple[np.ndarray, str, int]:
     """One (RGB uint8 crop, caption, category index) sample."""
     img = random_background(rng, canvas, canvas)
     bg_mean = img.mean((0, 1))
@@ -82,16 +82,54 @@ def render_crop(rng: np.random.Generator, crop_size: int = 32, canvas: int = 80,
     bright = "dark" if bg_mean.mean() < 100 else "light"
     bg = ("striped" if stripes else ["noisy", "plain", bright][int(rng.integers(3))])
     other = others[-1] if others else None
-    return crop, _caption(rng, name, color, size, bg, other), label
+    return crop, _caption(rng, name, color, size, bg, other, template_share), label
 
 
-def make_caption_dataset(num: int, seed: int = 0, crop_size: int = 32,
+def scene_crops(rng: np.random.Generator, crop_size: int = 32, image_size: int = 128,
+                template_share: float = 0.5) -> list[tuple[np.ndarray, str, int]]:
+    """Captioned crops of every object of one freshly drawn scene: occlusion, neighbours and
+    1x to 1.6x context as the detector's proposals show them (scenes are not the world's images)."""
+    from vild.synthetic.world import render_scene  # world imports this module's neighbours
+    img, instances = render_scene(rng, image_size)
+    out = []
+    for inst in instances:
+        ys, xs = np.nonzero(inst.mask)
+        box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
+        wh = np.maximum(box[2:] - box[:2], 2)
+        c = (box[:2] + box[2:]) / 2 + rng.normal(0, 0.08, 2) * wh
+        half = wh * rng.uniform(1.0, 1.6) / 2 * rng.uniform(0.9, 1.1, 2)
+        x0, y0 = np.clip(np.floor(c - half), 0, image_size - 2).astype(int)
+        x1, y1 = np.clip(np.ceil(c + half), [x0 + 2, y0 + 2], image_size).astype(int)
+        crop = img[y0:y1, x0:x1]
+        shrink = crop.shape[0] * crop.shape[1] > crop_size * crop_size
+        crop = cv2.resize(crop, (crop_size, crop_size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        size = float(np.sqrt(inst.mask.sum()) * 1.3)
+        bg = "noisy"
+        out.append((crop, _caption(rng, inst.name, inst.color, size, bg, None, template_share),
+                    CATEGORY_NAMES.index(inst.name)))
+    return out
+
+
+def make_caption_dataset(num: int, seed: int = 0, crop_size: int = 32, scene_share: float = 0.0,
                          **kwargs) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """`num` captioned crops as (uint8 [N, S, S, 3] RGB, captions, labels int64 [N])."""
+    """`num` captioned crops as (uint8 [N, S, S, 3] RGB, captions, labels int64 [N]).
+
+    A ``scene_share`` of them are objects cropped from cluttered scenes, the rest single rendered shapes.
+    """
     rng = np.random.default_rng([seed, 2024])
     images = np.empty((num, crop_size, crop_size, 3), np.uint8)
     captions, labels = [], np.empty(num, np.int64)
-    for k in range(num):
-        images[k], cap, labels[k] = render_crop(rng, crop_size, **kwargs)
+    k, pool = 0, []
+    while k < num:
+        if rng.random() < scene_share:
+            if not pool:
+                pool = scene_crops(rng, crop_size, template_share=kwargs.get("template_share", 0.5))
+            if not pool:
+                continue
+            sample = pool.pop()
+        else:
+            sample = render_crop(rng, crop_size, **kwargs)
+        images[k], cap, labels[k] = sample
         captions.append(cap)
+        k += 1
     return images, captions, labels

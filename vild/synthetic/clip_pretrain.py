@@ -72,14 +72,16 @@ def pretrain_teacher(out_path: str, seed: int = 0, steps: int = 600, batch_size:
                      lr: float = 3e-3, weight_decay: float = 0.05, warmup: int = 40,
                      num_pairs: int = 16000, threads: int | None = 2,
                      model_name: str = MODEL_NAME, eval_samples: int = 1400,
-                     log_every: int = 50) -> dict:
+                     log_every: int = 50, max_logit_scale: float = 100.0,
+                     template_share: float = 0.8, scene_share: float = 0.5) -> dict:
     """Train the tiny teacher contrastively, save its state_dict to out_path; return metrics."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     register_model_configs()
     t0 = time.time()
-    images, captions, _ = make_caption_dataset(num_pairs, seed=seed)
+    images, captions, _ = make_caption_dataset(num_pairs, seed=seed, template_share=template_share,
+                                               scene_share=scene_share)
     gen_s = time.time() - t0
     model = open_clip.create_model(model_name, pretrained=None)
     tokenizer = open_clip.get_tokenizer(model_name)
@@ -104,7 +106,7 @@ def pretrain_teacher(out_path: str, seed: int = 0, steps: int = 600, batch_size:
         loss.backward()
         opt.step()
         with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+            model.logit_scale.clamp_(0, math.log(max_logit_scale))
         losses.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
             el = time.time() - t1
