@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from test_api import make_checkpoint, scene, write_test_images  # noqa: E402 (shared fixtures' builders)
+from test_api import scene  # noqa: E402
 from vild.detect_cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,10 +1,9 @@
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import paste_masks_in_image
-from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import batched_nms
 
 from vild.config import load_config
 from vild.modeling import build_model, ensemble_scores

@@ -1,7 +1,6 @@
 """CLIP teacher: templates, vocabularies, text cache, region crops, weights round trip, errors."""
 import hashlib
 import time
-import warnings
 
 import pytest
 import torch

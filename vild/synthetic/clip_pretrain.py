@@ -18,6 +18,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from vild.engine.checkpoint import atomic_save
 from vild.synthetic.captions import make_caption_dataset
 from vild.synthetic.shapes import CATEGORIES, NOVEL_NAMES
 
@@ -60,12 +61,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
-
-def _save_atomic(state: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def pretrain_teacher(out_path: str, seed: int = 0, steps: int = 600, batch_size: int = 128,
@@ -115,7 +110,7 @@ def pretrain_teacher(out_path: str, seed: int = 0, steps: int = 600, batch_size:
                         el / (step + 1), el / (step + 1) * (steps - step - 1))
     train_s = time.time() - t1
     model.eval()
-    _save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, out_path)
+    atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out_path)
     metrics = {"loss_first": float(np.mean(losses[:10])), "loss_last": float(np.mean(losses[-10:])),
                "steps": steps, "batch_size": batch_size, "gen_s": gen_s, "train_s": train_s,
                "step_s": train_s / max(1, steps), "path": str(out_path)}

@@ -5,7 +5,6 @@ import difflib
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from ..engine.checkpoint import atomic_save
 from .templates import fill_template, get_templates
 from .vocabulary import clean_name, parse_vocabulary
 
@@ -41,20 +41,6 @@ def sha256_file(path: Union[str, os.PathLike], chunk: int = 1 << 20) -> str:
             h.update(block)
     return h.hexdigest()
 
-
-def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> None:
-    """torch.save to a temp file in the same folder, then rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _create_model(name: str, pretrained: Optional[str], device: torch.device) -> nn.Module:
