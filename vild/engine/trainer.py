@@ -204,7 +204,7 @@ class Trainer:
             if not torch.isfinite(total):
                 raise FloatingPointError(
                     f"loss became non-finite at iteration {it}: "
-                    f"{ {k: float(v) for k, v in losses.items()} }; lower SOLVER.BASE_LR, set SOLVER.CLIP_GRADIENTS, "
+                    f"{ {k: v.item() for k, v in losses.items()} }; lower SOLVER.BASE_LR, set SOLVER.CLIP_GRADIENTS, "
                     f"or lengthen SOLVER.WARMUP_ITERS")
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
