@@ -44,7 +44,7 @@ class DemoSettings:
     image_size: int = 128
     teacher_steps: int = 1000
     teacher_batch: int = 128
-    detector_iters: int = 600
+    detector_iters: int = 1500
     max_proposals: int = 50
     workers: int = 2  # detectors trained side by side, one thread each
 
