@@ -119,3 +119,13 @@ def test_bf16_autocast_and_non_finite_loss_stop(world, teacher_file, monkeypatch
     with pytest.raises(FloatingPointError, match="non-finite.*BASE_LR"):
         train_main(["--config", "tiny_test.yaml", *world_opts(world, teacher_file / "nan", max_iter=2, **{
             "SOLVER.BASE_LR": 1e30, "SOLVER.WARMUP_ITERS": 0, "DATASETS.TEST": []})])
+
+
+def test_atomic_save_leaves_no_temp_file_and_normal_permissions(tmp_path):
+    from vild.engine.checkpoint import atomic_save
+    atomic_save({"model": {"w": torch.ones(2)}}, tmp_path / "m.pth")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pth"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m.pth").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert torch.equal(load_checkpoint(tmp_path / "m.pth")["model"]["w"], torch.ones(2))
