@@ -37,6 +37,7 @@ def _ids_digest(image_ids: list[int]) -> str:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
+    # not vild.utils.atomic: this module stays free of package imports and torch, so writer processes start fast
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f)

@@ -1,7 +1,6 @@
 """Model outputs → COCO-style result dicts, and the shared gather/write logic of the evaluators."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -13,6 +12,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from ..utils import comm
+from ..utils.atomic import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -96,15 +96,8 @@ class ResultsEvaluator:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         for t in iou_types:
-            _dump(self.output_dir / f"results_{t}.json", results[t])
-        _dump(self.output_dir / "metrics.json", _nan_to_none(metrics))
-
-
-def _dump(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+            atomic_write_json(self.output_dir / f"results_{t}.json", results[t])
+        atomic_write_json(self.output_dir / "metrics.json", _nan_to_none(metrics))
 
 
 def _nan_to_none(x: Any) -> Any:

@@ -18,7 +18,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from vild.engine.checkpoint import atomic_save
+from vild.utils.atomic import atomic_save
 from vild.synthetic.captions import make_caption_dataset
 from vild.synthetic.shapes import CATEGORIES, NOVEL_NAMES
 

@@ -16,7 +16,6 @@ function of `seed` (byte-identical files). CLI: `python tools/make_world.py --ou
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
 
+from vild.utils.atomic import atomic_write_json
 from vild.synthetic.shapes import (CATEGORIES, CATEGORY_NAMES, COLORS, NOVEL_NAMES, jitter_color,
                                    paint, random_angle, random_background, shape_mask)
 
@@ -148,13 +148,6 @@ def _generate_split(out_dir: str, split: str, num: int, seed: int, image_size: i
     return images, coco_anns, lvis_anns, present
 
 
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, separators=(",", ":"))
-    os.replace(tmp, path)
-
-
 def generate_world(out_dir: str, seed: int = 0, num_train: int = 600, num_val: int = 150,
                    image_size: int = 128, min_objects: int = 2, max_objects: int = 6,
                    size_range: tuple[float, float] = (14, 52),
@@ -179,13 +172,13 @@ def generate_world(out_dir: str, seed: int = 0, num_train: int = 600, num_val: i
         coco_images = [{k: im[k] for k in ("id", "file_name", "width", "height")}
                        for im in images]
         paths[f"coco_{split}"] = os.path.join(out_dir, f"coco_{split}.json")
-        _write_json(paths[f"coco_{split}"], {"info": info, "images": coco_images,
+        atomic_write_json(paths[f"coco_{split}"], {"info": info, "images": coco_images,
                                              "annotations": coco_anns, "categories": coco_cats,
-                                             "licenses": []})
+                                             "licenses": []}, separators=(",", ":"))
         paths[f"lvis_{split}"] = os.path.join(out_dir, f"lvis_{split}.json")
-        _write_json(paths[f"lvis_{split}"], {"info": info, "images": images,
+        atomic_write_json(paths[f"lvis_{split}"], {"info": info, "images": images,
                                              "annotations": lvis_anns, "categories": lvis_cats,
-                                             "licenses": []})
+                                             "licenses": []}, separators=(",", ":"))
         paths[f"images_{split}"] = os.path.join(out_dir, "images", split)
     world = {**paths, "out_dir": out_dir, "seed": seed, "generator_version": GENERATOR_VERSION,
              "image_size": image_size, "category_names": list(CATEGORY_NAMES),
@@ -194,7 +187,7 @@ def generate_world(out_dir: str, seed: int = 0, num_train: int = 600, num_val: i
              "categories": lvis_cats, "num_train": num_train, "num_val": num_val}
     world["world_info"] = os.path.join(out_dir, "world_info.json")
     # paths relative to out_dir in the file, so it is byte-identical wherever it is written
-    _write_json(world["world_info"], {**world, "out_dir": ".", **{
+    atomic_write_json(world["world_info"], {**world, "out_dir": ".", **{
         k: os.path.relpath(v, out_dir) for k, v in world.items()
-        if k.startswith(("coco_", "lvis_", "images_", "world_info"))}})
+        if k.startswith(("coco_", "lvis_", "images_", "world_info"))}}, separators=(",", ":"))
     return world

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from ..engine.checkpoint import atomic_save
+from ..utils.atomic import atomic_save
 from .templates import fill_template, get_templates
 from .vocabulary import clean_name, parse_vocabulary
 
