@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test demo demo-fast bench clean
+.PHONY: setup test test-gpu demo demo-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -16,6 +16,10 @@ $(VENV)/.installed: pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# CUDA-only tests (tests/gpu); collected only where torch sees a GPU
+test-gpu: setup
+	$(PY) -m pytest -q tests/gpu
 
 demo: setup
 	$(PY) tools/demo.py $(DEMO_ARGS)

@@ -355,6 +355,7 @@ def precompute(ctx: Context) -> dict:
     import numpy as np
 
     from vild.data import ProposalStoreWriter
+    from vild.engine.precompute import embed_into_store
     a, dev = ctx.args, ctx.device
     teacher = ctx.teacher()
     n_img, p = a.precompute_images, a.precompute_proposals
@@ -374,19 +375,24 @@ def precompute(ctx: Context) -> dict:
                                    teacher=teacher.identity, crop_scales=list(teacher.crop_scales))
                for r in range(rounds)]
 
+    pipeline_stats: list[dict] = []
+    loader = torch.utils.data.DataLoader(_JpegFiles(files), batch_size=a.precompute_batch,
+                                         num_workers=a.precompute_workers, collate_fn=_jpeg_collate,
+                                         pin_memory=ctx.cuda, persistent_workers=a.precompute_workers > 0)
+
     def writer_path():
+        # the precompute tool's own loop (vild.engine.precompute.embed_into_store): decoding in loader
+        # workers, crops by roi_align on the device, store writes on a background thread
         w = writers.pop(0)
-        for i, f in enumerate(files):
-            arr = cv2.imread(f, cv2.IMREAD_COLOR)
-            img = torch.from_numpy(cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).contiguous()
-            emb = teacher.embed_regions([img], [boxes[i]])[0]
-            w.put(i, boxes[i].numpy(), emb.to(torch.float16).numpy())
+        st: dict = {}
+        embed_into_store(iter(loader), teacher, w, lambda ids, images: [boxes[i] for i in ids], stats=st)
         w.close()
+        pipeline_stats.append({k: round(v, 4) for k, v in st.items()})
 
     n_crops = n_img * p * len(teacher.crop_scales)
     h, w_ = teacher.image_size
-    g = torch.Generator().manual_seed(0)
-    ready = ((torch.rand(n_crops, 3, h, w_, generator=g) - teacher.mean.cpu()) / teacher.std.cpu()).to(dev)
+    torch.manual_seed(0)
+    ready = (torch.rand(n_crops, 3, h, w_, device=dev) - teacher.mean) / teacher.std
 
     def encode_image():
         with torch.inference_mode():
@@ -408,7 +414,28 @@ def precompute(ctx: Context) -> dict:
             "encode_image": {"images_per_s": round(ips_raw, 4), "crops_per_s": round(ips_raw * n_crops / n_img, 2),
                              "seconds": [round(t, 4) for t in times["encode_image"]]},
             "ratio": round(ratio, 3), "target": _target(0.7, ratio),
-            "note": "random proposal boxes (no RPN: the figure is the store-writing path); decode on the main thread"}
+            "loader_workers": a.precompute_workers, "images_per_batch": a.precompute_batch,
+            "writer_stage_seconds": pipeline_stats[-a.repeats:],
+            "note": "random proposal boxes (no RPN: the figure is the store-writing path)"}
+
+
+class _JpegFiles(torch.utils.data.Dataset):
+    """(index, RGB uint8 [3, H, W]) for each JPEG file, decoded with OpenCV as the datasets do."""
+
+    def __init__(self, files: list[str]):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        import cv2
+        arr = cv2.imread(self.files[i], cv2.IMREAD_COLOR)
+        return i, torch.from_numpy(cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).contiguous()
+
+
+def _jpeg_collate(items):
+    return [i for i, _ in items], [im for _, im in items]
 
 
 # ---- 5. vocabulary -------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ import torch
 
 from vild.synthetic.world import generate_world
 
+# tests/gpu needs CUDA: it runs on GPU machines (`make test-gpu`) and is not collected elsewhere
+collect_ignore = [] if torch.cuda.is_available() else ["gpu"]
+
 # synthetic shapes → COCO names: base shapes to OVD base names, novel shapes (arrow, heart, ring,
 # star) to OVD novel names, and two shapes to classes the OVD split drops
 COCO_NAME = {

@@ -106,11 +106,27 @@ def test_uncommitted_record_reads_absent_and_resume_fills_it(tmp_path):
     # overwriting a committed record un-commits it until the new data is down
     w = ProposalStoreWriter(tmp_path, 0, 1, IDS, 6, 8)
     assert w.pending() == IDS[1:]
-    w._set_valid(0, False)
+    w._set_flags([0], False)
     assert IDS[0] not in store
     for i in w.pending():
         w.put(i, *_record(i))
     assert w.pending() == [] and len(store) == len(IDS)  # the open reader sees the commits
+    for i in IDS:
+        _check(store, i)
+
+
+def test_put_many_commits_a_batch_and_checks_every_record(tmp_path):
+    w = ProposalStoreWriter(tmp_path, 0, 1, IDS, 6, 8)
+    w.put_many([(i, *_record(i)) for i in IDS[:3]])
+    store = ProposalStore(tmp_path)
+    assert len(store) == 3 and w.pending() == IDS[3:]
+    for i in IDS[:3]:
+        _check(store, i)
+    with pytest.raises(ValueError, match="max_proposals"):  # a bad record stops the batch before any write
+        w.put_many([(IDS[3], *_record(IDS[3])), (IDS[4], np.zeros((7, 4)), np.zeros((7, 8)))])
+    assert w.pending() == IDS[3:]
+    w.put_many([(i, *_record(i)) for i in IDS])  # overwrites and new records together
+    assert w.pending() == [] and len(store) == len(IDS)
     for i in IDS:
         _check(store, i)
 

@@ -132,27 +132,44 @@ class ProposalStoreWriter:
         self._pwrite("embeds", slot, e.tobytes())
         self._pwrite("count", slot, np.int32(n).tobytes())
 
-    def _set_valid(self, slot: int, flag: bool) -> None:
-        self._pwrite("valid", slot, np.uint8(flag).tobytes())
-        self._sync("valid")
+    def _set_flags(self, slots: list[int], flag: bool) -> None:
+        for slot in slots:
+            self._pwrite("valid", slot, b"\x01" if flag else b"\x00")
+        if slots:
+            self._sync("valid")
 
     def put(self, image_id: int, boxes: Any, embeds: Any) -> None:
         """Store ``boxes`` [n, 4] xyxy (original pixels) and ``embeds`` [n, D] for one image, n <= max_proposals."""
-        slot = self._slot.get(int(image_id))
-        if slot is None:
-            raise KeyError(f"image {image_id} does not belong to shard {self.shard_index}")
-        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-        embeds = np.asarray(embeds, dtype=np.float32).reshape(len(boxes), -1) if len(boxes) else \
-            np.zeros((0, self.embed_dim), np.float32)
-        if len(boxes) > self.max_proposals:
-            raise ValueError(f"image {image_id}: {len(boxes)} proposals > max_proposals {self.max_proposals}")
-        if embeds.shape[1] != self.embed_dim:
-            raise ValueError(f"image {image_id}: embeddings of dim {embeds.shape[1]}, store expects {self.embed_dim}")
-        if self.done(image_id):
-            self._set_valid(slot, False)  # an overwrite is uncommitted until its new data is down
-        self._write_record(slot, boxes, embeds)
+        self.put_many([(image_id, boxes, embeds)])
+
+    def put_many(self, items: Iterable[tuple[int, Any, Any]]) -> None:
+        """Store several (image_id, boxes, embeds) records and commit them together.
+
+        Data of all records first, one sync, then their valid flags, one sync: a crash leaves each record
+        either committed or pending, as with ``put``, at two syncs per batch instead of two per image.
+        """
+        records = []
+        for image_id, boxes, embeds in items:
+            slot = self._slot.get(int(image_id))
+            if slot is None:
+                raise KeyError(f"image {image_id} does not belong to shard {self.shard_index}")
+            boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+            embeds = np.asarray(embeds, dtype=np.float32).reshape(len(boxes), -1) if len(boxes) else \
+                np.zeros((0, self.embed_dim), np.float32)
+            if len(boxes) > self.max_proposals:
+                raise ValueError(f"image {image_id}: {len(boxes)} proposals > max_proposals {self.max_proposals}")
+            if embeds.shape[1] != self.embed_dim:
+                raise ValueError(f"image {image_id}: embeddings of dim {embeds.shape[1]}, store expects "
+                                 f"{self.embed_dim}")
+            records.append((slot, boxes, embeds))
+        if not records:
+            return
+        # an overwrite is uncommitted until its new data is down
+        self._set_flags([slot for slot, _, _ in records if os.pread(self._fd["valid"], 1, slot) == b"\x01"], False)
+        for slot, boxes, embeds in records:
+            self._write_record(slot, boxes, embeds)
         self._sync("boxes", "embeds", "count")
-        self._set_valid(slot, True)
+        self._set_flags([slot for slot, _, _ in records], True)
 
     def done(self, image_id: int) -> bool:
         """Whether ``image_id`` has a committed record."""

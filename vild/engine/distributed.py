@@ -23,17 +23,27 @@ def resolve_device(name: str) -> torch.device:
         if not torch.cuda.is_available():
             raise RuntimeError(f"device {name!r} requested but CUDA is not available here: use --device cpu "
                                f"(or MODEL.DEVICE cpu)")
-        return torch.device(name if ":" in name else f"cuda:{local_rank}")
+        if ":" in name:
+            return torch.device(name)
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"process with LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) "
+                               f"visible: start at most that many processes per node (--nproc_per_node / "
+                               f"--num-gpus), or name a device (MODEL.DEVICE cuda:0)")
+        return torch.device(f"cuda:{local_rank}")
     return torch.device(name)
 
 
 def init_distributed(device: torch.device) -> None:
-    """Join the process group torchrun described (NCCL on GPUs, gloo on CPUs); no-op for one process."""
+    """Join the process group torchrun described (NCCL on GPUs, gloo on CPUs); no-op for one process.
+
+    $VILD_DIST_BACKEND overrides the backend (e.g. gloo for several ranks sharing one GPU, which NCCL refuses).
+    """
     if not launched_by_torchrun() or dist.is_initialized() or int(os.environ["WORLD_SIZE"]) == 1:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+    backend = os.environ.get("VILD_DIST_BACKEND") or ("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend, timeout=timedelta(minutes=30))
 
 
 def relaunch_with_torchrun(num_procs: int) -> None:

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -39,6 +42,51 @@ def _valid_boxes(boxes: torch.Tensor, min_size: float = 2.0) -> torch.Tensor:
 
 
 @torch.no_grad()
+def embed_into_store(batches: Iterable[tuple[list, list[torch.Tensor]]], teacher, writer: ProposalStoreWriter,
+                     boxes_fn: Callable[[list, list[torch.Tensor]], list[torch.Tensor]],
+                     progress: tqdm | None = None, stats: dict | None = None) -> int:
+    """Embed each batch's boxes (``boxes_fn(ids, images)``) with the teacher and commit them to ``writer``.
+
+    Writing (and its fsyncs) runs on a background thread while the next batch is decoded and embedded,
+    so the disk does not stall the GPU; at most one batch waits to be written. ``stats`` (if given)
+    receives the seconds spent waiting for input, embedding and waiting for writes.
+    """
+    times = {"input_wait_s": 0.0, "embed_s": 0.0, "write_wait_s": 0.0}
+    written = 0
+    pending: Future | None = None
+    it = iter(batches)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as pool:
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            t1 = time.perf_counter()
+            times["input_wait_s"] += t1 - t0
+            if batch is None:
+                break
+            ids, images = batch
+            boxes = boxes_fn(ids, images)
+            embeds = teacher.embed_regions(images, boxes)  # returns host tensors: synchronises with the device
+            records = [(i, b.numpy(), e.to(torch.float16).numpy()) for i, b, e in zip(ids, boxes, embeds)]
+            t2 = time.perf_counter()
+            times["embed_s"] += t2 - t1
+            if pending is not None:
+                pending.result()  # re-raises a failed write here, before more work is queued
+            times["write_wait_s"] += time.perf_counter() - t2
+            pending = pool.submit(writer.put_many, records)
+            written += len(records)
+            if progress is not None:
+                progress.update(len(records))
+        t3 = time.perf_counter()
+        if pending is not None:
+            pending.result()
+        times["write_wait_s"] += time.perf_counter() - t3
+    if stats is not None:
+        for k, v in times.items():
+            stats[k] = stats.get(k, 0.0) + v
+    return written
+
+
+@torch.no_grad()
 def precompute_clip_proposals(cfg: CfgNode, teacher, out_dir: str | Path, model: ViLD | None = None,
                               proposals: dict[int, torch.Tensor] | None = None, max_proposals: int | None = None,
                               shard_index: int | None = None, num_shards: int | None = None,
@@ -61,23 +109,22 @@ def precompute_clip_proposals(cfg: CfgNode, teacher, out_dir: str | Path, model:
     logger.info("proposal store %s: shard %d/%d, %d of %d images to do", out_dir, shard_index, num_shards,
                 len(todo), len(writer.image_ids))
     workers = cfg.DATALOADER.NUM_WORKERS if num_workers is None else num_workers
-    loader = DataLoader(Subset(dataset, todo), batch_size=batch_size, num_workers=workers,
-                        collate_fn=trivial_collate)
     device = next(model.parameters()).device if model is not None else torch.device(teacher.device)
-    written = 0
+    loader = DataLoader(Subset(dataset, todo), batch_size=batch_size, num_workers=workers,
+                        collate_fn=trivial_collate, pin_memory=device.type == "cuda")
+
+    def boxes_fn(ids: list, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        if model is not None:
+            return [_valid_boxes(b.float().cpu())[:m] for b, _ in model.propose([im.to(device) for im in images])]
+        return [_valid_boxes(proposals.get(i, torch.zeros(0, 4)))[:m] for i in ids]
+
+    batches = (([t["image_id"] for t in targets], images) for images, targets in loader)
+    bar = tqdm(total=len(todo), desc=f"CLIP proposals (shard {shard_index})", unit="img",
+               disable=not comm.is_main_process())
     try:
-        for images, targets in tqdm(loader, desc=f"CLIP proposals (shard {shard_index})", unit="batch",
-                                    disable=not comm.is_main_process()):
-            ids = [t["image_id"] for t in targets]
-            if model is not None:
-                boxes = [_valid_boxes(b.float().cpu())[:m] for b, _ in model.propose([im.to(device) for im in images])]
-            else:
-                boxes = [_valid_boxes(proposals.get(i, torch.zeros(0, 4)))[:m] for i in ids]
-            embeds = teacher.embed_regions(images, boxes)
-            for image_id, b, e in zip(ids, boxes, embeds):
-                writer.put(image_id, b.numpy(), e.to(torch.float16).numpy())
-                written += 1
+        written = embed_into_store(batches, teacher, writer, boxes_fn, progress=bar)
     finally:
+        bar.close()
         writer.close()
     unread = getattr(dataset, "num_unreadable", 0)
     return {"written": written, "pending_before": len(todo), "shard": shard_index, "unreadable": unread}

@@ -196,7 +196,11 @@ class CLIPTeacher(nn.Module):
     # ---- regions -------------------------------------------------------------------------
     @torch.no_grad()
     def embed_crops(self, crops: Tensor) -> Tensor:
-        """[B, D] L2-normalised image embeddings of crops [B, 3, S, S] with values 0..1."""
+        """[B, D] L2-normalised image embeddings of crops [B, 3, S, S] with values 0..1 (on the CPU)."""
+        return self._embed_crops(crops).cpu()
+
+    def _embed_crops(self, crops: Tensor) -> Tensor:
+        # stays on the teacher's device: callers gather results there and copy to the host once
         crops = crops.to(self.device, torch.float32)
         if tuple(crops.shape[-2:]) != self.image_size:
             crops = F.interpolate(crops, size=self.image_size, mode="bilinear", align_corners=False,
@@ -205,29 +209,31 @@ class CLIPTeacher(nn.Module):
         for b in range(0, len(crops), self.batch_size):
             x = (crops[b:b + self.batch_size] - self.mean) / self.std
             with self._autocast():
-                out.append(F.normalize(self.model.encode_image(x).float(), dim=-1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+                out.append(F.normalize(self.model.encode_image(x).float(), dim=-1))
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=self.device)
 
     @torch.no_grad()
     def embed_regions(self, images: Sequence[Tensor], boxes_list: Sequence[Tensor]) -> list[Tensor]:
         """Per image, [n_i, D] L2-normalised CLIP embeddings of its xyxy boxes (crop scales averaged)."""
         if len(images) != len(boxes_list):
             raise ValueError(f"{len(images)} images but {len(boxes_list)} box tensors")
-        sums = [torch.zeros(len(b), self.embed_dim) for b in boxes_list]
+        # sums stay on the device and come back in one copy at the end: a host copy per encoder batch
+        # would make the CPU wait for the GPU each time instead of preparing the next crops
+        sums = [torch.zeros(len(b), self.embed_dim, device=self.device) for b in boxes_list]
         # crops of all images and scales share encoder batches: a few boxes per call would leave
         # the encoder running at tiny batch sizes (per-call overhead dominated on CPU)
         pending: list[Tensor] = []
         owners: list[tuple[int, int]] = []
 
         def flush() -> None:
-            emb = self.embed_crops(torch.cat(pending))
+            emb = self._embed_crops(torch.cat(pending))
             for (i, lo), e in zip(owners, emb.split([len(c) for c in pending])):
                 sums[i][lo:lo + len(e)] += e
             pending.clear()
             owners.clear()
 
         for i, (image, boxes) in enumerate(zip(images, boxes_list)):
-            img = image.to(self.device, torch.float32).unsqueeze(0) / 255.0
+            img = image.to(self.device, non_blocking=True).to(torch.float32).unsqueeze(0) / 255.0
             boxes = boxes.to(self.device, torch.float32).reshape(-1, 4)
             for s in self.crop_scales:
                 scaled = _scale_boxes(boxes, s, img.shape[-2], img.shape[-1])
@@ -239,7 +245,10 @@ class CLIPTeacher(nn.Module):
                         flush()
         if pending:
             flush()
-        return [F.normalize(acc, dim=-1) for acc in sums]
+        if not sums:
+            return []
+        out = F.normalize(torch.cat(sums), dim=-1).cpu()
+        return list(out.split([len(b) for b in sums]))
 
     def save_weights(self, path: Union[str, os.PathLike]) -> None:
         """Write the state dict so ``open_clip.create_model(name, pretrained=path)`` loads it back."""

@@ -1,0 +1,95 @@
+"""CUDA-only checks (run on a GPU machine with `make test-gpu`; not collected where torch sees no GPU).
+
+Training with bf16 and fp16 AMP, DDP with SyncBatchNorm across two ranks, the teacher's bf16 autocast
+and inference on the GPU agreeing with the CPU.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_iou
+
+from test_api import make_checkpoint, scene
+from test_train_net import ROOT, world_opts
+from vild import Detector
+from vild.engine.checkpoint import load_checkpoint
+from vild.engine.launch import main as train_main
+from vild.teacher import CLIPTeacher
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gpu")
+    torch.manual_seed(0)
+    CLIPTeacher("vild-test-micro", "", templates="simple").save_weights(d / "teacher.pt")
+    return d
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_training_on_cuda_with_amp(world, teacher_dir, amp):
+    out = teacher_dir / f"amp_{amp}"
+    results = train_main(["--config", "tiny_test.yaml", *world_opts(world, out, max_iter=6, **{
+        "MODEL.DEVICE": "cuda", "SOLVER.AMP": amp, "SOLVER.CHECKPOINT_PERIOD": 3})])
+    ckpt = load_checkpoint(out / "model_final.pth")
+    assert ckpt["iteration"] == 6
+    assert all(torch.isfinite(v.float()).all() for v in ckpt["model"].values())
+    if amp == "fp16":
+        assert "scaler" in ckpt  # the GradScaler's state travels with the checkpoint, so --resume continues it
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "total_loss" in l]
+    assert len(lines) == 6 and all(l["total_loss"] == l["total_loss"] for l in lines)
+    assert "bbox" in results["synth_val"] and "segm" in results["synth_val"]
+
+
+def test_ddp_syncbn_two_ranks(world, teacher_dir):
+    """Two ranks with SyncBatchNorm in backbone and box head; they share the one GPU, so gloo (NCCL refuses that)."""
+    out = teacher_dir / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "VILD_DIST_BACKEND": "gloo" if torch.cuda.device_count() < 2 else "nccl"}
+    dev = "cuda:0" if torch.cuda.device_count() < 2 else "cuda"
+    cmd = [sys.executable, str(ROOT / "tools" / "train_net.py"), "--num-gpus", "2", "--config", "tiny_test.yaml",
+           *world_opts(world, out, max_iter=3, **{"SOLVER.CHECKPOINT_PERIOD": 100, "SOLVER.IMS_PER_BATCH": 4,
+                                                  "MODEL.DEVICE": dev, "MODEL.BACKBONE.NORM": "SyncBN",
+                                                  "MODEL.ROI_BOX_HEAD.NORM": "SyncBN"})]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    ckpt = load_checkpoint(out / "model_final.pth")
+    assert ckpt["iteration"] == 3
+    # SyncBN's running statistics were updated (saved state is the unwrapped model's BatchNorm buffers)
+    assert any(k.endswith("num_batches_tracked") and int(v) == 3 for k, v in ckpt["model"].items())
+
+
+def test_teacher_bf16_on_cuda_matches_cpu(teacher_dir):
+    cpu = CLIPTeacher("vild-test-micro", str(teacher_dir / "teacher.pt"), templates="simple", device="cpu",
+                      cache_dir=str(teacher_dir / "cache_cpu"))
+    gpu = CLIPTeacher("vild-test-micro", str(teacher_dir / "teacher.pt"), templates="simple", device="cuda",
+                      cache_dir=str(teacher_dir / "cache_gpu"))
+    img = torch.from_numpy(scene(96, 128)).permute(2, 0, 1).contiguous()
+    boxes = torch.tensor([[5.0, 5.0, 25.0, 25.0], [60.0, 40.0, 120.0, 90.0], [0.0, 0.0, 128.0, 96.0]])
+    a = cpu.embed_regions([img], [boxes])[0]
+    b = gpu.embed_regions([img.cuda()], [boxes.cuda()])[0].float().cpu()
+    assert F.cosine_similarity(a, b, dim=-1).min() > 0.98
+    ta, tb = cpu.encode_text(["circle", "square"]), gpu.encode_text(["circle", "square"]).float().cpu()
+    assert F.cosine_similarity(ta, tb, dim=-1).min() > 0.98
+
+
+def test_detector_on_cuda_matches_cpu(tmp_path):
+    path = make_checkpoint(tmp_path)
+    img = scene(96, 128)
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        det = Detector.from_checkpoint(path, device=dev, score_thresh=0.0)
+        det.set_vocabulary(["circle", "square", "triangle"])
+        r = det(img)
+        assert r.masks.shape[1:] == (96, 128)
+        outs[dev] = r
+    a, b = outs["cpu"], outs["cuda"]
+    assert len(a.boxes) > 0 and abs(len(a.boxes) - len(b.boxes)) <= max(2, len(a.boxes) // 10)
+    # random weights put many scores near each other, so compare as sets: almost every CPU box is on the GPU too
+    iou = box_iou(torch.as_tensor(a.boxes).float(), torch.as_tensor(b.boxes).float().cpu())
+    assert (iou.max(dim=1).values > 0.95).float().mean() > 0.9
