@@ -1,8 +1,11 @@
 """The demo's fast variant as an end-to-end smoke test: every stage runs and writes its outputs."""
 import json
 
+import torch
+
 from vild.engine.checkpoint import load_checkpoint
-from vild.synthetic.demo import VARIANTS, DemoSettings, run_demo
+from vild import Detector
+from vild.synthetic.demo import VARIANTS, DemoSettings, export_demo_model, run_demo
 
 
 def test_fast_demo_runs_every_stage(tmp_path):
@@ -24,3 +27,13 @@ def test_fast_demo_runs_every_stage(tmp_path):
     # a second run reuses every cached stage
     again = run_demo(out, DemoSettings.fast(), results_dir=results)
     assert again["rows"] == summary["rows"] and again["seconds"]["total"] < summary["seconds"]["total"]
+
+    # the exported model (weights-only, fp16) loads from its own folder alone and detects like the original
+    exported = export_demo_model(out, tmp_path / "export")
+    ckpt = load_checkpoint(exported)
+    assert "optimizer" not in ckpt and "rng" not in ckpt
+    assert all(v.dtype.is_floating_point is False or v.dtype == torch.float16 for v in ckpt["model"].values())
+    (out / "teacher" / "vild-tiny-clip.pt").rename(tmp_path / "moved.pt")  # only the exported copy remains
+    img = str(next((out / "world" / "images" / "val").glob("*.png")))
+    a = Detector.from_checkpoint(exported, device="cpu", score_thresh=0.0)(img)
+    assert len(a.boxes) > 0 and a.masks.shape[0] == len(a.boxes)

@@ -129,3 +129,39 @@ def test_atomic_save_leaves_no_temp_file_and_normal_permissions(tmp_path):
     os.umask(umask)
     assert (tmp_path / "m.pth").stat().st_mode & 0o777 == 0o666 & ~umask
     assert torch.equal(load_checkpoint(tmp_path / "m.pth")["model"]["w"], torch.ones(2))
+
+
+def test_build_optimizer_sgd_adamw_and_unknown():
+    from vild.config import load_config
+    from vild.engine.trainer import build_optimizer
+    from vild.modeling import build_model
+    model = build_model(load_config("tiny_test.yaml"))
+    for name, cls in (("SGD", torch.optim.SGD), ("AdamW", torch.optim.AdamW)):
+        cfg = load_config("tiny_test.yaml", ["SOLVER.OPTIMIZER", name, "SOLVER.BASE_LR", "0.001"])
+        opt = build_optimizer(cfg, model)
+        assert isinstance(opt, cls) and opt.param_groups[0]["lr"] == 0.001
+        assert opt.param_groups[1]["weight_decay"] == 0.0  # norms and biases are not decayed
+    with pytest.raises(ValueError, match="SOLVER.OPTIMIZER"):
+        build_optimizer(load_config("tiny_test.yaml", ["SOLVER.OPTIMIZER", "Lion"]), model)
+
+
+def test_datasets_over_the_same_images_share_one_inference_pass(world, teacher_file, monkeypatch):
+    import vild.data
+    calls = []
+    real = vild.data.build_test_loader
+    monkeypatch.setattr(vild.data, "build_test_loader", lambda cfg, ds: calls.append(ds.name) or real(cfg, ds))
+    weights = str(teacher_file / "text" / "model_final.pth")
+    opts = world_opts(world, teacher_file / "shared_eval", **{"MODEL.WEIGHTS": weights})
+    i = opts.index("DATASETS.CUSTOM")
+    custom = eval(opts[i + 1])
+    custom["synth_val_coco"] = {**custom["synth_val"], "TYPE": "coco"}  # the same JSON, scored by pycocotools
+    opts[i + 1] = repr(custom)
+    opts[opts.index("DATASETS.TEST") + 1] = repr(["synth_val", "synth_val_coco"])
+    both = train_main(["--config", "tiny_test.yaml", "--eval-only", *opts])
+    assert len(calls) == 1 and list(both) == ["synth_val", "synth_val_coco"]
+    assert "APr" in both["synth_val"]["bbox"] and "AP50_novel" in both["synth_val_coco"]["bbox"]
+    # the same numbers as a pass of its own
+    opts[opts.index("DATASETS.TEST") + 1] = repr(["synth_val_coco"])
+    alone = train_main(["--config", "tiny_test.yaml", "--eval-only", *opts])
+    for kind in ("bbox", "segm"):  # (NaN-aware: APl is NaN on 128-pixel images)
+        assert alone["synth_val_coco"][kind] == pytest.approx(both["synth_val_coco"][kind], nan_ok=True)

@@ -216,6 +216,7 @@ _DEFAULTS: dict = {
     },
     "SOLVER": {
         "IMS_PER_BATCH": 16,  # total over all processes
+        "OPTIMIZER": "SGD",  # SGD (the paper's) | AdamW
         "BASE_LR": 0.02,
         "MOMENTUM": 0.9,
         "WEIGHT_DECAY": 4e-5,

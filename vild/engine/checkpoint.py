@@ -11,7 +11,8 @@ import torch
 
 from ..utils.atomic import atomic_save
 
-__all__ = ["FORMAT_VERSION", "atomic_save", "last_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["FORMAT_VERSION", "atomic_save", "export_checkpoint", "last_checkpoint", "load_checkpoint", "rng_state",
+           "set_rng_state"]
 
 FORMAT_VERSION = 1
 
@@ -29,6 +30,26 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"checkpoint {p} holds no 'model' entry: not a vild checkpoint")
     return ckpt
+
+
+def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool = True,
+                      teacher_weights: str | None = None) -> Path:
+    """Write a deployable copy of a training checkpoint: config, teacher identity, vocabulary and weights only.
+
+    Optimizer, scheduler and RNG states are dropped (they are for ``--resume``); ``half`` stores floating
+    weights as fp16 (they load back into the fp32 model). ``teacher_weights`` replaces TEACHER.PRETRAINED,
+    e.g. with a bare file name that ``Detector.from_checkpoint`` looks up beside the checkpoint.
+    """
+    ckpt = load_checkpoint(src)
+    weights = {k: v.half() if half and v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    out = {k: ckpt[k] for k in ("format_version", "cfg", "teacher", "vocabulary", "iteration") if k in ckpt}
+    out["model"] = weights
+    if teacher_weights is not None and isinstance(out.get("cfg"), dict):
+        out["cfg"] = {**out["cfg"], "TEACHER": {**out["cfg"]["TEACHER"], "PRETRAINED": teacher_weights}}
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(out, dst)
+    return dst
 
 
 def rng_state() -> dict:

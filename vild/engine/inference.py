@@ -8,15 +8,22 @@ from ..utils import comm
 
 
 @torch.no_grad()
-def inference_on_dataset(model: torch.nn.Module, loader, evaluator, device: torch.device, autocast) -> dict:
-    """Predict every image of this rank's shard, then let the evaluator gather and score on rank 0."""
+def inference_on_dataset(model: torch.nn.Module, loader, evaluator, device: torch.device, autocast):
+    """Predict every image of this rank's shard, then let the evaluator gather and score on rank 0.
+
+    ``evaluator`` may be a list: one pass of the model feeds them all, and a list of metrics comes back.
+    """
+    evaluators = list(evaluator) if isinstance(evaluator, (list, tuple)) else [evaluator]
     was_training = model.training
     model.eval()
-    evaluator.reset()
+    for e in evaluators:
+        e.reset()
     for images, targets in tqdm(loader, desc="inference", disable=not comm.is_main_process(), leave=False):
         with autocast:
             outputs = model([im.to(device) for im in images])
         outputs = [{k: v.to("cpu") for k, v in o.items()} for o in outputs]
-        evaluator.process(targets, outputs)
+        for e in evaluators:
+            e.process(targets, outputs)
     model.train(was_training)
-    return evaluator.evaluate()
+    metrics = [e.evaluate() for e in evaluators]
+    return metrics if isinstance(evaluator, (list, tuple)) else metrics[0]

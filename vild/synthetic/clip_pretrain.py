@@ -110,7 +110,10 @@ def pretrain_teacher(out_path: str, seed: int = 0, steps: int = 600, batch_size:
                         el / (step + 1), el / (step + 1) * (steps - step - 1))
     train_s = time.time() - t1
     model.eval()
-    atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out_path)
+    # fp16 on disk halves the file (it ships as a test asset); every later use, training included, loads
+    # this rounded copy into fp32, so the teacher identity (weights sha256) is the same everywhere
+    atomic_save({k: v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()
+                 for k, v in model.state_dict().items()}, out_path)
     metrics = {"loss_first": float(np.mean(losses[:10])), "loss_last": float(np.mean(losses[-10:])),
                "steps": steps, "batch_size": batch_size, "gen_s": gen_s, "train_s": train_s,
                "step_s": train_s / max(1, steps), "path": str(out_path)}

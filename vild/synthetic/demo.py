@@ -44,7 +44,7 @@ class DemoSettings:
     image_size: int = 128
     teacher_steps: int = 1000
     teacher_batch: int = 128
-    detector_iters: int = 1500
+    detector_iters: int = 1000
     max_proposals: int = 50
     workers: int = 2  # detectors trained side by side, one thread each
 
@@ -83,7 +83,7 @@ def make_teacher(out: Path, s: DemoSettings, world: dict) -> tuple[Path, dict]:
     """Pretrain the tiny CLIP teacher contrastively on captioned crops (all categories) once; report zero-shot."""
     from .clip_pretrain import pretrain_teacher, region_zero_shot_accuracy
     path, metrics_file = out / "teacher" / "vild-tiny-clip.pt", out / "teacher" / "metrics.json"
-    key = {"seed": s.seed, "steps": s.teacher_steps, "batch": s.teacher_batch}
+    key = {"seed": s.seed, "steps": s.teacher_steps, "batch": s.teacher_batch, "weights": "fp16"}
     if path.is_file() and metrics_file.is_file() and json.loads(metrics_file.read_text()).get("key") == key:
         return path, json.loads(metrics_file.read_text())
     logger.info("pretraining the tiny CLIP teacher (%d steps of %d captioned crops)", s.teacher_steps,
@@ -226,6 +226,24 @@ def ablation_checks(rows: dict, teacher_zs: dict) -> dict:
         "ensemble_base_ap_within_5_points_of_text": bool(abs(ens["AP_base_mask"] - text["AP_base_mask"]) <= 5),
         "teacher_novel_zero_shot_at_least_80": bool(teacher_zs["novel"] >= 0.8),
     }
+
+
+def export_demo_model(out: str | Path, dest: str | Path, variant_folder: str = "vild") -> Path:
+    """Copy a trained demo detector (weights-only, fp16) and its teacher into ``dest``, loadable from there alone.
+
+    This is how tests/assets/demo_model was made: ``python tools/demo.py --export tests/assets/demo_model``.
+    """
+    from ..engine.checkpoint import export_checkpoint
+    out, dest = Path(out), Path(dest)
+    teacher = out / "teacher" / "vild-tiny-clip.pt"
+    model = out / variant_folder / "model_final.pth"
+    for f in (teacher, model):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} does not exist: run the demo first (python tools/demo.py --out {out})")
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(teacher, dest / teacher.name)
+    # the teacher is named by file name only: Detector.from_checkpoint finds it beside the checkpoint
+    return export_checkpoint(model, dest / "model.pth", half=True, teacher_weights=teacher.name)
 
 
 def run_demo(out: str | Path = "output/demo", settings: DemoSettings | None = None, recompute: bool = False,
