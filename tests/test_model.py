@@ -242,3 +242,29 @@ def test_masks_are_computed_once_per_distinct_box():
     for box in distinct:
         same = (out["boxes"] == box).all(1)
         assert torch.equal(out["mask_probs"][same], out["mask_probs"][same][:1].expand(int(same.sum()), -1, -1))
+
+
+def test_channels_last_conv_heads_give_the_same_outputs(monkeypatch):
+    """The CPU layout change in the conv heads (conv_input) is a speed-up only: same losses and detections."""
+    import vild.modeling.box_head as box_head
+    import vild.modeling.roi_heads as roi_heads
+    img, target = scene()
+    results = []
+    for layout in ("channels_last", "default"):
+        if layout == "default":
+            monkeypatch.setattr(box_head, "conv_input", lambda x: x)
+            monkeypatch.setattr(roi_heads, "conv_input", lambda x: x)
+        model = tiny_model("text", **{"MODEL.ROI_BOX_HEAD.NUM_CONV": 2})
+        model.set_vocabulary(vocab(2))
+        model.train()
+        torch.manual_seed(1)
+        losses = model([img], [target])
+        model.eval()
+        with torch.no_grad():
+            out = model([img])[0]
+        results.append((losses, out))
+    (la, oa), (lb, ob) = results
+    for k in la:
+        assert torch.allclose(la[k], lb[k], atol=1e-5), k
+    assert torch.allclose(oa["boxes"], ob["boxes"], atol=1e-4) and torch.allclose(oa["scores"], ob["scores"], atol=1e-5)
+    assert torch.equal(oa["masks"], ob["masks"])
