@@ -15,24 +15,16 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou
 
 from test_api import make_checkpoint, scene
-from test_train_net import ROOT, world_opts
+from test_train_net import ROOT, teacher_file, world_opts  # noqa: F401 (teacher_file is a fixture)
 from vild import Detector
 from vild.engine.checkpoint import load_checkpoint
 from vild.engine.launch import main as train_main
 from vild.teacher import CLIPTeacher
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gpu")
-    torch.manual_seed(0)
-    CLIPTeacher("vild-test-micro", "", templates="simple").save_weights(d / "teacher.pt")
-    return d
-
-
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_training_on_cuda_with_amp(world, teacher_dir, amp):
-    out = teacher_dir / f"amp_{amp}"
+def test_training_on_cuda_with_amp(world, teacher_file, amp):
+    out = teacher_file / f"amp_{amp}"
     results = train_main(["--config", "tiny_test.yaml", *world_opts(world, out, max_iter=6, **{
         "MODEL.DEVICE": "cuda", "SOLVER.AMP": amp, "SOLVER.CHECKPOINT_PERIOD": 3})])
     ckpt = load_checkpoint(out / "model_final.pth")
@@ -45,9 +37,9 @@ def test_training_on_cuda_with_amp(world, teacher_dir, amp):
     assert "bbox" in results["synth_val"] and "segm" in results["synth_val"]
 
 
-def test_ddp_syncbn_two_ranks(world, teacher_dir):
+def test_ddp_syncbn_two_ranks(world, teacher_file):
     """Two ranks with SyncBatchNorm in backbone and box head; they share the one GPU, so gloo (NCCL refuses that)."""
-    out = teacher_dir / "ddp"
+    out = teacher_file / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "VILD_DIST_BACKEND": "gloo" if torch.cuda.device_count() < 2 else "nccl"}
     dev = "cuda:0" if torch.cuda.device_count() < 2 else "cuda"
@@ -64,11 +56,11 @@ def test_ddp_syncbn_two_ranks(world, teacher_dir):
     assert any(k.endswith("num_batches_tracked") and int(v) == 3 for k, v in ckpt["model"].items())
 
 
-def test_teacher_bf16_on_cuda_matches_cpu(teacher_dir):
-    cpu = CLIPTeacher("vild-test-micro", str(teacher_dir / "teacher.pt"), templates="simple", device="cpu",
-                      cache_dir=str(teacher_dir / "cache_cpu"))
-    gpu = CLIPTeacher("vild-test-micro", str(teacher_dir / "teacher.pt"), templates="simple", device="cuda",
-                      cache_dir=str(teacher_dir / "cache_gpu"))
+def test_teacher_bf16_on_cuda_matches_cpu(teacher_file):
+    cpu = CLIPTeacher("vild-test-micro", str(teacher_file / "teacher.pt"), templates="simple", device="cpu",
+                      cache_dir=str(teacher_file / "cache_cpu"))
+    gpu = CLIPTeacher("vild-test-micro", str(teacher_file / "teacher.pt"), templates="simple", device="cuda",
+                      cache_dir=str(teacher_file / "cache_gpu"))
     img = torch.from_numpy(scene(96, 128)).permute(2, 0, 1).contiguous()
     boxes = torch.tensor([[5.0, 5.0, 25.0, 25.0], [60.0, 40.0, 120.0, 90.0], [0.0, 0.0, 128.0, 96.0]])
     a = cpu.embed_regions([img], [boxes])[0]
