@@ -402,6 +402,15 @@ def precompute(ctx: Context) -> dict:
 
     times = interleaved({"writer": writer_path, "encode_image": encode_image}, dev, a.repeats, a.warmup,
                         label="precompute")
+    # where the writer's extra time goes: the crops alone and embed_regions alone, on images already on the device
+    decoded = [im.to(dev) for _, ims in loader for im in ims]
+
+    def crops_only():
+        for _ in teacher.region_crops(decoded, boxes):
+            pass
+
+    parts = interleaved({"crops_only": crops_only, "embed_regions": lambda: teacher.embed_regions(decoded, boxes)},
+                        dev, max(1, a.repeats // 2), 1, label="precompute parts")
     ips_writer = _rate(n_img, times["writer"])
     ips_raw = _rate(n_img, times["encode_image"])
     ratio = ips_writer / ips_raw
@@ -416,6 +425,7 @@ def precompute(ctx: Context) -> dict:
             "ratio": round(ratio, 3), "target": _target(0.7, ratio),
             "loader_workers": a.precompute_workers, "images_per_batch": a.precompute_batch,
             "writer_stage_seconds": pipeline_stats[-a.repeats:],
+            "parts_seconds": {k: round(median(v), 4) for k, v in parts.items()},
             "note": "random proposal boxes (no RPN: the figure is the store-writing path)"}
 
 

@@ -7,7 +7,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import open_clip
 import torch
@@ -213,10 +213,23 @@ class CLIPTeacher(nn.Module):
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=self.device)
 
     @torch.no_grad()
-    def embed_regions(self, images: Sequence[Tensor], boxes_list: Sequence[Tensor]) -> list[Tensor]:
-        """Per image, [n_i, D] L2-normalised CLIP embeddings of its xyxy boxes (crop scales averaged)."""
+    def region_crops(self, images: Sequence[Tensor],
+                     boxes_list: Sequence[Tensor]) -> Iterator[tuple[int, int, Tensor]]:
+        """(image index, first box index, crops [b, 3, S, S] on 0..1) for every crop scale, in chunks of batch_size."""
         if len(images) != len(boxes_list):
             raise ValueError(f"{len(images)} images but {len(boxes_list)} box tensors")
+        for i, (image, boxes) in enumerate(zip(images, boxes_list)):
+            img = image.to(self.device, non_blocking=True).to(torch.float32).unsqueeze(0) / 255.0
+            boxes = boxes.to(self.device, torch.float32).reshape(-1, 4)
+            for s in self.crop_scales:
+                scaled = _scale_boxes(boxes, s, img.shape[-2], img.shape[-1])
+                for b in range(0, len(scaled), self.batch_size):
+                    yield i, b, roi_align(img, [scaled[b:b + self.batch_size]], self.image_size, spatial_scale=1.0,
+                                          sampling_ratio=-1, aligned=True)
+
+    @torch.no_grad()
+    def embed_regions(self, images: Sequence[Tensor], boxes_list: Sequence[Tensor]) -> list[Tensor]:
+        """Per image, [n_i, D] L2-normalised CLIP embeddings of its xyxy boxes (crop scales averaged)."""
         # sums stay on the device and come back in one copy at the end: a host copy per encoder batch
         # would make the CPU wait for the GPU each time instead of preparing the next crops
         sums = [torch.zeros(len(b), self.embed_dim, device=self.device) for b in boxes_list]
@@ -232,17 +245,11 @@ class CLIPTeacher(nn.Module):
             pending.clear()
             owners.clear()
 
-        for i, (image, boxes) in enumerate(zip(images, boxes_list)):
-            img = image.to(self.device, non_blocking=True).to(torch.float32).unsqueeze(0) / 255.0
-            boxes = boxes.to(self.device, torch.float32).reshape(-1, 4)
-            for s in self.crop_scales:
-                scaled = _scale_boxes(boxes, s, img.shape[-2], img.shape[-1])
-                for b in range(0, len(scaled), self.batch_size):
-                    pending.append(roi_align(img, [scaled[b:b + self.batch_size]], self.image_size,
-                                             spatial_scale=1.0, sampling_ratio=-1, aligned=True))
-                    owners.append((i, b))
-                    if sum(len(c) for c in pending) >= self.batch_size:
-                        flush()
+        for i, lo, crops in self.region_crops(images, boxes_list):
+            pending.append(crops)
+            owners.append((i, lo))
+            if sum(len(c) for c in pending) >= self.batch_size:
+                flush()
         if pending:
             flush()
         if not sums:
