@@ -205,3 +205,16 @@ def test_tag_unavailable_offline(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="TEACHER.PRETRAINED /path/to/file"):
         CLIPTeacher("ViT-B-32", "openai")
     assert time.monotonic() - start < 20
+
+
+def test_region_crops_cover_every_box_and_scale_and_check_lengths(teacher):
+    before, teacher.batch_size = teacher.batch_size, 2  # chunks smaller than the box count
+    try:
+        boxes = torch.tensor([[0, 0, 30, 30], [10, 5, 60, 40], [3, 3, 9, 9]], dtype=torch.float32)
+        chunks = list(teacher.region_crops([_image()], [boxes]))
+        assert [(i, lo, len(c)) for i, lo, c in chunks] == [(0, 0, 2), (0, 2, 1)] * len(teacher.crop_scales)
+        assert all(c.shape[1:] == (3, *teacher.image_size) for _, _, c in chunks)
+        with pytest.raises(ValueError, match="2 images but 1 box"):
+            teacher.embed_regions([_image(), _image()], [boxes])
+    finally:
+        teacher.batch_size = before
