@@ -31,14 +31,16 @@ PRESETS = {
     "cpu": dict(size=320, batches=[1, 2], dtypes=["fp32", "bf16"], warmup=1, repeats=3, proposals=None,
                 detections=300, crop_proposals=16, crop_repeats=2, train_batch=2, train_steps=2, train_rounds=1,
                 train_dtype="fp32", distill_proposals=300, precompute_images=1, precompute_proposals=16,
-                precompute_workers=0, precompute_batch=1, vocab_names=2, swap_repeats=20, clip_model="ViT-B-32", breakdown=True,
+                precompute_workers=0, precompute_batch=1, vocab_names=2, swap_repeats=20, clip_model="ViT-B-32",
+                breakdown=True,
                 # one thread: on a shared, oversubscribed machine every multi-threaded op waits at its OpenMP
                 # barrier for a descheduled thread (~8 ms per op), which swamps op-heavy code (see README)
                 threads=1),
     "cuda": dict(size=1024, batches=[1, 8], dtypes=["fp32", "bf16"], warmup=2, repeats=5, proposals=None,
                  detections=300, crop_proposals=300, crop_repeats=3, train_batch=8, train_steps=5, train_rounds=2,
                  train_dtype="bf16", distill_proposals=300, precompute_images=64, precompute_proposals=300,
-                 precompute_workers=6, precompute_batch=16, vocab_names=1203, swap_repeats=50, clip_model="ViT-B-32", breakdown=True),
+                 precompute_workers=6, precompute_batch=16, vocab_names=1203, swap_repeats=50,
+                 clip_model="ViT-B-32", breakdown=True),
     # a seconds-long pass through every code path (tests/test_benchmarks.py); its numbers mean nothing
     "smoke": dict(size=64, batches=[1], dtypes=["fp32", "bf16"], warmup=0, repeats=1, roi_batch=32, proposals=50, detections=20,
                   crop_proposals=4, crop_repeats=1, train_batch=1, train_steps=1, train_rounds=1, train_dtype="fp32",

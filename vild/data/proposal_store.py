@@ -165,7 +165,7 @@ class ProposalStoreWriter:
         if not records:
             return
         # an overwrite is uncommitted until its new data is down
-        self._set_flags([slot for slot, _, _ in records if os.pread(self._fd["valid"], 1, slot) == b"\x01"], False)
+        self._set_flags([slot for slot, _, _ in records if self._committed(slot)], False)
         for slot, boxes, embeds in records:
             self._write_record(slot, boxes, embeds)
         self._sync("boxes", "embeds", "count")
@@ -173,7 +173,9 @@ class ProposalStoreWriter:
 
     def done(self, image_id: int) -> bool:
         """Whether ``image_id`` has a committed record."""
-        slot = self._slot[int(image_id)]
+        return self._committed(self._slot[int(image_id)])
+
+    def _committed(self, slot: int) -> bool:
         return os.pread(self._fd["valid"], 1, slot) == b"\x01"
 
     def pending(self) -> list[int]:

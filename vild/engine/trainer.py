@@ -1,8 +1,7 @@
-"""The training loop: SGD with warm-up, AMP, clipping, checkpoints, resume, logs, periodic evaluation."""
+"""The training loop: SGD or AdamW with warm-up, AMP, clipping, checkpoints, resume, logs, periodic evaluation."""
 from __future__ import annotations
 
 import json
-
 import math
 import random
 from contextlib import nullcontext
@@ -43,7 +42,7 @@ def lr_factor(cfg: CfgNode, iteration: int) -> float:
 
 
 def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """SOLVER.OPTIMIZER (SGD with momentum, or AdamW); no weight decay on norm layers and biases (detectron2's default)."""
+    """SOLVER.OPTIMIZER (SGD with momentum, or AdamW); norms and biases are not decayed (detectron2's default)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:

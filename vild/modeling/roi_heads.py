@@ -153,7 +153,8 @@ class ViLDRoIHeads(nn.Module):
             boxes.append(r["boxes"][first])
         m = self.mask_pooler.output_size[0] * 2
         if sum(len(b) for b in boxes):
-            probs = self.mask_predictor(self.mask_head(conv_input(self.mask_pooler(features, boxes, image_sizes)))).sigmoid()
+            pooled = conv_input(self.mask_pooler(features, boxes, image_sizes))
+            probs = self.mask_predictor(self.mask_head(pooled)).sigmoid()
         else:
             probs = features[next(iter(features))].new_zeros((0, 1, m, m))
         for r, p, inv in zip(results, probs.split([len(b) for b in boxes]), inverse):
