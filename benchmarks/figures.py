@@ -230,7 +230,22 @@ def training(ctx: Context) -> dict:
     ratio = sps["vild"] / sps["torchvision"]
     out["ratio"] = round(ratio, 3)
     out["memory_ratio"] = round(out["vild"]["peak_memory_mib"] / max(1e-9, out["torchvision"]["peak_memory_mib"]), 3)
-    out["target"] = _target(0.9, ratio)
+    # the work each step does: a ratio below what the FLOPs allow would point at overhead, one above it
+    # at a model that computes more efficiently than the baseline
+    gf = {kind: runs[kind][0]["gflop_per_step"] for kind in runs}
+    for kind in runs:
+        out[kind]["gflop_per_step"] = gf[kind]
+        out[kind]["gflop_per_s"] = round(gf[kind] * sps[kind], 1)
+    flop_bound = gf["torchvision"] / gf["vild"]
+    out["flops"] = {"measure": "matmul + convolution FLOPs of one step, forward and backward (torch.utils.flop_counter)",
+                    "ratio_vild_over_torchvision": round(gf["vild"] / gf["torchvision"], 3),
+                    "ratio_at_equal_flop_rate": round(flop_bound, 3),
+                    "flop_rate_ratio": round(out["vild"]["gflop_per_s"] / out["torchvision"]["gflop_per_s"], 3)}
+    note = ""
+    if ratio < 0.9 and flop_bound < 0.9:
+        note = (f"a ViLD step does {gf['vild'] / gf['torchvision']:.2f}x torchvision's FLOPs, so at torchvision's "
+                f"FLOP rate it would run at {flop_bound:.2f}x")
+    out["target"] = _target(0.9, ratio, note)
     log(f"training: ViLD {sps['vild']:.3f} steps/s, torchvision {sps['torchvision']:.3f} steps/s, ratio {ratio:.2f}")
     return out
 
@@ -302,6 +317,7 @@ def train_worker(args) -> dict:
         losses, dt = timed(step, dev)
         if i >= args.warmup:
             times.append(dt)
+    flops = _step_flops(step)
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20
         measure = "torch.cuda.max_memory_allocated (weights, gradients, optimizer state, activations)"
@@ -317,8 +333,19 @@ def train_worker(args) -> dict:
         extra = {"process_max_rss_mib": round(max(rss1, sampled["max_kib"]) / 1024, 1),
                  "ru_maxrss_delta_mib": round((rss1 - rss0) / 1024, 1),
                  "sampled_rss_delta_mib": round((sampled["max_kib"] - sampled["start_kib"]) / 1024, 1)}
-    return {"model": kind, "step_seconds": times, "peak_memory_mib": round(peak, 1), "memory_measure": measure,
+    return {"model": kind, "step_seconds": times, "gflop_per_step": round(flops / 1e9, 2),
+            "peak_memory_mib": round(peak, 1), "memory_measure": measure,
             "losses": {k: round(float(v.detach()), 4) for k, v in losses.items()}, **extra}
+
+
+def _step_flops(step) -> float:
+    """Matmul and convolution FLOPs of one training step, forward and backward (after the timed steps:
+    the counting mode slows the step down)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return float(counter.get_total_flops())
 
 
 class _RssSampler:

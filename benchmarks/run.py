@@ -148,6 +148,11 @@ def markdown(results: dict) -> str:
     if t:
         lines.append(f"| training {t['dtype']} batch {t['batch']} (steps/s) | {t['vild']['steps_per_s']:.3f} | "
                      f"{t['torchvision']['steps_per_s']:.3f} | {t['ratio']:.2f}× | {tgt(t['target'])} |")
+        if t.get("flops"):
+            lines.append(f"| training work per step (GFLOP) | {t['vild']['gflop_per_step']:.0f} | "
+                         f"{t['torchvision']['gflop_per_step']:.0f} | {t['flops']['ratio_vild_over_torchvision']:.2f}× | — |")
+            lines.append(f"| training FLOP rate (GFLOP/s) | {t['vild']['gflop_per_s']:.0f} | "
+                         f"{t['torchvision']['gflop_per_s']:.0f} | {t['flops']['flop_rate_ratio']:.2f}× | — |")
         lines.append(f"| training peak memory (MiB) | {t['vild']['peak_memory_mib']:.0f} | "
                      f"{t['torchvision']['peak_memory_mib']:.0f} | {t['memory_ratio']:.2f}× | — |")
     pc = figs.get("precompute")
@@ -210,7 +215,7 @@ def main(argv=None) -> dict:
     print(markdown(results), flush=True)
     for r in results["targets"]:
         print(f"target {r['figure']} {r['what']}: {r['ratio']}x vs >= {r['min_ratio']}x -> "
-              f"{'met' if r['met'] else 'NOT met'}", flush=True)
+              f"{'met' if r['met'] else 'NOT met'}" + (f" ({r['note']})" if r.get("note") else ""), flush=True)
     return results
 
 

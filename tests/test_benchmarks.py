@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -48,6 +50,10 @@ def test_benchmark_smoke_writes_wellformed_json(tmp_path):
         assert _finite(tr[k]["steps_per_s"])
         assert isinstance(tr[k]["peak_memory_mib"], (int, float))
     assert "loss_distill" in tr["vild"]["losses"]
+    # the distillation RoIs go through the head too: more work per step than torchvision's
+    assert tr["vild"]["gflop_per_step"] > 0 and tr["torchvision"]["gflop_per_step"] > 0
+    assert tr["flops"]["ratio_at_equal_flop_rate"] == pytest.approx(
+        tr["torchvision"]["gflop_per_step"] / tr["vild"]["gflop_per_step"], rel=0.01)
     assert isinstance(tr["target"]["met"], bool)
 
     pc = figs["precompute"]

@@ -233,7 +233,7 @@ def test_masks_are_computed_once_per_distinct_box():
     model.eval()
     img, _ = scene()
     seen = []
-    model.roi_heads.mask_head.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
+    model.roi_heads.mask_predictor.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
     with torch.no_grad():
         out = model([img], paste_masks=False)[0]
     distinct = torch.unique(out["boxes"], dim=0)
@@ -244,27 +244,54 @@ def test_masks_are_computed_once_per_distinct_box():
         assert torch.equal(out["mask_probs"][same], out["mask_probs"][same][:1].expand(int(same.sum()), -1, -1))
 
 
-def test_channels_last_conv_heads_give_the_same_outputs(monkeypatch):
-    """The CPU layout change in the conv heads (conv_input) is a speed-up only: same losses and detections."""
+def test_cpu_conv_stacks_give_the_same_outputs(monkeypatch):
+    """run_conv_stack (channels-last, BatchNorm folded at inference, the fc as a convolution) is a speed-up only:
+    same losses, gradients and detections as the heads' own forward."""
     import vild.modeling.box_head as box_head
+    import vild.modeling.conv_stack as conv_stack
     import vild.modeling.roi_heads as roi_heads
+    monkeypatch.setattr(conv_stack, "FC_AS_CONV_MIN_ROWS", 1)  # the tiny model's few RoIs take every path
+    calls = {"fold": 0, "fc": 0}
+    for name in ("_folded_block", "_linear_as_conv"):
+        fn = getattr(conv_stack, name)
+        key = "fold" if name == "_folded_block" else "fc"
+        monkeypatch.setattr(conv_stack, name, lambda *a, fn=fn, key=key: calls.__setitem__(key, calls[key] + 1) or fn(*a))
     img, target = scene()
     results = []
-    for layout in ("channels_last", "default"):
-        if layout == "default":
-            monkeypatch.setattr(box_head, "conv_input", lambda x: x)
-            monkeypatch.setattr(roi_heads, "conv_input", lambda x: x)
-        model = tiny_model("text", **{"MODEL.ROI_BOX_HEAD.NUM_CONV": 2})
+    for path in ("fast", "plain"):
+        if path == "plain":
+            monkeypatch.setattr(box_head, "run_conv_stack", lambda stack, x: stack(x))
+            monkeypatch.setattr(roi_heads, "run_conv_stack", lambda stack, x: stack(x))
+        model = tiny_model("vild", **{"MODEL.ROI_BOX_HEAD.NUM_CONV": 2, "MODEL.ROI_BOX_HEAD.NORM": "BN"})
         model.set_vocabulary(vocab(2))
         model.train()
         torch.manual_seed(1)
         losses = model([img], [target])
-        model.eval()
+        sum(losses.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.eval()  # the step moved BatchNorm's running statistics: folding sees non-trivial ones
         with torch.no_grad():
             out = model([img])[0]
-        results.append((losses, out))
-    (la, oa), (lb, ob) = results
+        results.append((losses, grads, out))
+        if path == "fast":
+            assert calls["fold"] > 0 and calls["fc"] > 0, calls  # both rewrites ran
+    (la, ga, oa), (lb, gb, ob) = results
     for k in la:
         assert torch.allclose(la[k], lb[k], atol=1e-5), k
+    assert ga.keys() == gb.keys()
+    for k in ga:
+        assert torch.allclose(ga[k], gb[k], atol=1e-4, rtol=1e-3), k
     assert torch.allclose(oa["boxes"], ob["boxes"], atol=1e-4) and torch.allclose(oa["scores"], ob["scores"], atol=1e-5)
     assert torch.equal(oa["masks"], ob["masks"])
+
+
+def test_hooks_on_a_head_still_fire():
+    """A hooked stack runs its own forward on the CPU too, so feature-extraction hooks see every call."""
+    model = tiny_model("vild", **{"MODEL.ROI_BOX_HEAD.NUM_CONV": 2, "MODEL.ROI_BOX_HEAD.NORM": "BN"})
+    model.set_vocabulary(vocab(2))
+    model.eval()
+    seen = []
+    model.roi_heads.text_head.stack[-2].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        model([scene()[0]])
+    assert len(seen) == 1 and seen[0][1] == model.roi_heads.text_head.stack[-2].out_features

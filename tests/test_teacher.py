@@ -218,3 +218,27 @@ def test_region_crops_cover_every_box_and_scale_and_check_lengths(teacher):
             teacher.embed_regions([_image(), _image()], [boxes])
     finally:
         teacher.batch_size = before
+
+
+def test_region_embeddings_fill_whole_encoder_batches(teacher):
+    """Crops of all images and scales go to the encoder in full batches, and match the per-crop path."""
+    before, teacher.batch_size = teacher.batch_size, 4
+    seen = []
+    encode = teacher.model.encode_image
+    teacher.model.encode_image = lambda x, **kw: seen.append(len(x)) or encode(x, **kw)
+    try:
+        boxes = [torch.tensor([[0, 0, 30, 30], [10, 5, 60, 40], [3, 3, 9, 9]], dtype=torch.float32),
+                 torch.tensor([[2, 2, 20, 18], [0, 0, 24, 20], [5, 1, 15, 19], [1, 1, 3, 3]], dtype=torch.float32)]
+        images = [_image(), _image(20, 24, seed=1)]
+        out = teacher.embed_regions(images, boxes)
+        assert seen == [4, 4, 4, 2]  # 14 crops; flushing per chunk would have sent 4, 2, 4, 4 ...
+        # straightforward reference: each image's crops 0..1, normalised per crop, scales summed
+        for i, got in enumerate(out):
+            ref = torch.zeros(len(boxes[i]), 32)
+            for img_idx, lo, crops in teacher.region_crops(images, boxes):
+                if img_idx == i:
+                    ref[lo:lo + len(crops)] += teacher.embed_crops(crops)
+            assert torch.allclose(got, F.normalize(ref, dim=-1), atol=1e-5)
+    finally:
+        teacher.batch_size = before
+        teacher.model.encode_image = encode

@@ -6,14 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
-
-def conv_input(x: torch.Tensor) -> torch.Tensor:
-    """Pooled RoI features in the layout the conv stacks run fastest in: channels-last on the CPU.
-
-    Measured on one core: the 4-conv heads ran ~25 % faster (1000 RoIs at 7x7: 1.07 s vs 1.38 s;
-    300 at 14x14: 1.34 s vs 1.80 s). Values are unchanged; GPUs keep the default layout (not measured).
-    """
-    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" and x.dim() == 4 else x
+from .conv_stack import run_conv_stack
 
 
 class ViLDBoxHead(nn.Module):
@@ -24,7 +17,6 @@ class ViLDBoxHead(nn.Module):
         super().__init__()
         self.stack = FastRCNNConvFCHead((in_channels, resolution, resolution), [conv_dim] * num_conv,
                                         [fc_dim] * num_fc, norm_layer=norm_layer)
-        self.has_conv = num_conv > 0
         self.projection = nn.Linear(fc_dim, embed_dim)
         self.bbox_pred = nn.Linear(fc_dim, 4) if with_box_regression else None
         if self.bbox_pred is not None:
@@ -33,7 +25,7 @@ class ViLDBoxHead(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embed pooled RoI features."""
-        x = self.stack(conv_input(pooled) if self.has_conv else pooled)
+        x = run_conv_stack(self.stack, pooled)
         emb = F.normalize(self.projection(x), dim=-1)
         deltas = self.bbox_pred(x) if self.bbox_pred is not None else None
         return emb, deltas

@@ -8,8 +8,9 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.roi_heads import maskrcnn_loss
 from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops
 
-from .box_head import ViLDBoxHead, conv_input
+from .box_head import ViLDBoxHead
 from .classifier import TextClassifier, ensemble_scores
+from .conv_stack import run_conv_stack
 from .losses import box_regression_loss, classification_loss, distillation_loss
 from .postprocess import select_detections
 
@@ -125,7 +126,7 @@ class ViLDRoIHeads(nn.Module):
         pos_rois = [r[p] for r, p in zip(rois, pos)]
         if sum(len(r) for r in pos_rois) == 0:
             return sum(p.sum() for p in self.mask_predictor.parameters()) * 0.0
-        logits = self.mask_predictor(self.mask_head(conv_input(self.mask_pooler(features, pos_rois, image_sizes))))
+        logits = self.mask_predictor(run_conv_stack(self.mask_head, self.mask_pooler(features, pos_rois, image_sizes)))
         gt_masks = [t["masks"] for t in targets]
         agnostic = [torch.zeros(len(t["labels"]), dtype=torch.long, device=logits.device) for t in targets]
         return maskrcnn_loss(logits, pos_rois, gt_masks, agnostic, [m[p] for m, p in zip(matched, pos)])
@@ -153,8 +154,8 @@ class ViLDRoIHeads(nn.Module):
             boxes.append(r["boxes"][first])
         m = self.mask_pooler.output_size[0] * 2
         if sum(len(b) for b in boxes):
-            pooled = conv_input(self.mask_pooler(features, boxes, image_sizes))
-            probs = self.mask_predictor(self.mask_head(pooled)).sigmoid()
+            pooled = self.mask_pooler(features, boxes, image_sizes)
+            probs = self.mask_predictor(run_conv_stack(self.mask_head, pooled)).sigmoid()
         else:
             probs = features[next(iter(features))].new_zeros((0, 1, m, m))
         for r, p, inv in zip(results, probs.split([len(b) for b in boxes]), inverse):

@@ -205,27 +205,49 @@ class CLIPTeacher(nn.Module):
         if tuple(crops.shape[-2:]) != self.image_size:
             crops = F.interpolate(crops, size=self.image_size, mode="bilinear", align_corners=False,
                                   antialias=True)
+        return self._encode(crops, normalized=False)
+
+    def _encode(self, x: Tensor, normalized: bool) -> Tensor:
+        """Unit embeddings of [B, 3, S, S] crops, batch_size at a time; ``normalized``: already (x - mean) / std."""
         out = []
-        for b in range(0, len(crops), self.batch_size):
-            x = (crops[b:b + self.batch_size] - self.mean) / self.std
+        for b in range(0, len(x), self.batch_size):
+            xb = x[b:b + self.batch_size]
+            xb = xb if normalized else (xb - self.mean) / self.std
             with self._autocast():
-                out.append(F.normalize(self.model.encode_image(x).float(), dim=-1))
+                out.append(F.normalize(self.model.encode_image(xb).float(), dim=-1))
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=self.device)
 
     @torch.no_grad()
     def region_crops(self, images: Sequence[Tensor],
                      boxes_list: Sequence[Tensor]) -> Iterator[tuple[int, int, Tensor]]:
         """(image index, first box index, crops [b, 3, S, S] on 0..1) for every crop scale, in chunks of batch_size."""
+        return self._region_chunks(images, boxes_list, normalize=False)
+
+    def _region_chunks(self, images: Sequence[Tensor], boxes_list: Sequence[Tensor],
+                       normalize: bool) -> Iterator[tuple[int, int, Tensor]]:
         if len(images) != len(boxes_list):
             raise ValueError(f"{len(images)} images but {len(boxes_list)} box tensors")
-        for i, (image, boxes) in enumerate(zip(images, boxes_list)):
+        for i, (image, boxes) in enumerate(zip(images, self._boxes_on_device(boxes_list))):
             img = image.to(self.device, non_blocking=True).to(torch.float32).unsqueeze(0) / 255.0
-            boxes = boxes.to(self.device, torch.float32).reshape(-1, 4)
+            if normalize:
+                # a per-pixel affine map commutes with roi_align's bilinear averaging (clipped boxes sample
+                # only inside the image, where the weights sum to one): normalising the image once
+                # replaces a pass over every crop, which outweighs the image many times over
+                img = (img - self.mean) / self.std
             for s in self.crop_scales:
                 scaled = _scale_boxes(boxes, s, img.shape[-2], img.shape[-1])
                 for b in range(0, len(scaled), self.batch_size):
                     yield i, b, roi_align(img, [scaled[b:b + self.batch_size]], self.image_size, spatial_scale=1.0,
                                           sampling_ratio=-1, aligned=True)
+
+    def _boxes_on_device(self, boxes_list: Sequence[Tensor]) -> list[Tensor]:
+        boxes = [b.reshape(-1, 4).to(torch.float32) for b in boxes_list]
+        if self.device.type == "cuda" and boxes and all(b.device.type == "cpu" for b in boxes):
+            # one copy from pinned memory, which does not wait for the GPU (a copy from pageable memory per
+            # image would drain the GPU's queue each time)
+            flat = torch.cat(boxes).pin_memory().to(self.device, non_blocking=True)
+            return list(flat.split([len(b) for b in boxes]))
+        return [b.to(self.device) for b in boxes]
 
     @torch.no_grad()
     def embed_regions(self, images: Sequence[Tensor], boxes_list: Sequence[Tensor]) -> list[Tensor]:
@@ -233,25 +255,39 @@ class CLIPTeacher(nn.Module):
         # sums stay on the device and come back in one copy at the end: a host copy per encoder batch
         # would make the CPU wait for the GPU each time instead of preparing the next crops
         sums = [torch.zeros(len(b), self.embed_dim, device=self.device) for b in boxes_list]
-        # crops of all images and scales share encoder batches: a few boxes per call would leave
-        # the encoder running at tiny batch sizes (per-call overhead dominated on CPU)
+        # crops of all images and scales are cut into full encoder batches: flushing whatever had piled
+        # up (e.g. 256 + 44 crops for 300 boxes) ran every other batch far below the GPU's efficient size
         pending: list[Tensor] = []
-        owners: list[tuple[int, int]] = []
+        owners: list[tuple[int, int, int]] = []  # (image, first box, count) of each pending row block
 
-        def flush() -> None:
-            emb = self._embed_crops(torch.cat(pending))
-            for (i, lo), e in zip(owners, emb.split([len(c) for c in pending])):
-                sums[i][lo:lo + len(e)] += e
+        def flush(final: bool) -> None:
+            crops = torch.cat(pending) if len(pending) > 1 else pending[0]
+            n = len(crops) if final else len(crops) // self.batch_size * self.batch_size
+            emb = self._encode(crops[:n], normalized=True)
+            rest = list(owners)
             pending.clear()
             owners.clear()
+            done = 0
+            for i, lo, count in rest:
+                take = min(count, n - done)  # the block's rows that were in this flush
+                if take:
+                    sums[i][lo:lo + take] += emb[done:done + take]
+                    done += take
+                if take < count:
+                    owners.append((i, lo + take, count - take))
+            if n < len(crops):
+                pending.append(crops[n:])
 
-        for i, lo, crops in self.region_crops(images, boxes_list):
+        queued = 0
+        for i, lo, crops in self._region_chunks(images, boxes_list, normalize=True):
             pending.append(crops)
-            owners.append((i, lo))
-            if sum(len(c) for c in pending) >= self.batch_size:
-                flush()
+            owners.append((i, lo, len(crops)))
+            queued += len(crops)
+            if queued >= self.batch_size:
+                flush(final=False)
+                queued = sum(len(c) for c in pending)
         if pending:
-            flush()
+            flush(final=True)
         if not sums:
             return []
         out = F.normalize(torch.cat(sums), dim=-1).cpu()
@@ -266,6 +302,8 @@ def _scale_boxes(boxes: Tensor, scale: float, height: int, width: int) -> Tensor
     """Enlarge xyxy boxes about their centres by ``scale``, clipped to the image."""
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
     half = (boxes[:, 2:] - boxes[:, :2]) * (scale / 2)
-    out = torch.cat([centre - half, centre + half], dim=1)
-    limits = torch.tensor([width, height, width, height], dtype=out.dtype, device=out.device)
-    return torch.minimum(out.clamp(min=0), limits)
+    out = torch.cat([centre - half, centre + half], dim=1).clamp_(min=0)
+    # limits as Python numbers: a tensor of them would be a host-to-device copy that waits for the GPU
+    out[:, 0::2] = out[:, 0::2].clamp(max=width)
+    out[:, 1::2] = out[:, 1::2].clamp(max=height)
+    return out
