@@ -69,7 +69,9 @@ def vild_stages(model, timer: StageTimer):
                ("box_roi_align", rh.box_pooler), ("box_head", rh.text_head), ("box_head", rh.image_head),
                ("classifier", rh.classifier), ("mask_roi_align", rh.mask_pooler), ("mask_head", rh.mask_head),
                ("mask_head", rh.mask_predictor)]
-    functions = [("box_postprocess", rh_mod, "select_detections"), ("mask_paste", pre_mod, "paste_masks")]
+    # the mask head's convs run through run_conv_stack (not mask_head.forward) on the CPU
+    functions = [("box_postprocess", rh_mod, "select_detections"), ("mask_paste", pre_mod, "paste_masks"),
+                 ("mask_head", rh_mod, "run_conv_stack")]
     return _patched(timer, modules, functions)
 
 
