@@ -7,7 +7,7 @@ from torchvision.ops import batched_nms
 
 from vild.config import load_config
 from vild.modeling import build_model, ensemble_scores
-from vild.modeling.losses import distillation_loss
+from vild.modeling.losses import box_regression_loss, distillation_loss
 from vild.modeling.postprocess import paste_masks, select_detections
 
 DIM = 32
@@ -86,6 +86,26 @@ def test_distillation_loss_zero_when_equal_and_grows():
     assert distillation_loss(mixed, e, torch.tensor([True, True, False, False, False])).item() == pytest.approx(0.0, abs=1e-6)
     one_off = distillation_loss(mixed[2:3], e[2:3], torch.tensor([True]))
     assert distillation_loss(mixed, e, torch.tensor([True, True, True, False, False])) == pytest.approx(one_off / 3)
+
+
+def test_losses_without_valid_or_foreground_rows():
+    """Masked (sync-free) losses: nothing valid or foreground gives 0 with finite gradients, and
+    background rows never count, even with the infinite targets of an image without boxes."""
+    region = vocab(4).requires_grad_()
+    d = distillation_loss(region, vocab(4, 2), torch.zeros(4, dtype=torch.bool))
+    d.backward()
+    assert d.item() == 0.0 and torch.isfinite(region.grad).all()
+
+    deltas = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    targets = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+    targets[3] = float("-inf")
+    labels = torch.tensor([2, 0, 1, 0])
+    loss = box_regression_loss(deltas, targets, labels)
+    fg = labels > 0
+    ref = F.smooth_l1_loss(deltas[fg], targets[fg], beta=1 / 9, reduction="sum") / 4
+    assert torch.allclose(loss, ref)
+    loss.backward()
+    assert torch.isfinite(deltas.grad).all() and (deltas.grad[~fg] == 0).all()
 
 
 def test_ensemble_matches_hand_computation():

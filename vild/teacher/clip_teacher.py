@@ -217,12 +217,12 @@ class CLIPTeacher(nn.Module):
                 out.append(F.normalize(self.model.encode_image(xb).float(), dim=-1))
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=self.device)
 
-    @torch.no_grad()
     def region_crops(self, images: Sequence[Tensor],
                      boxes_list: Sequence[Tensor]) -> Iterator[tuple[int, int, Tensor]]:
         """(image index, first box index, crops [b, 3, S, S] on 0..1) for every crop scale, in chunks of batch_size."""
         return self._region_chunks(images, boxes_list, normalize=False)
 
+    @torch.no_grad()
     def _region_chunks(self, images: Sequence[Tensor], boxes_list: Sequence[Tensor],
                        normalize: bool) -> Iterator[tuple[int, int, Tensor]]:
         if len(images) != len(boxes_list):
