@@ -31,7 +31,7 @@ PRESETS = {
     "cpu": dict(size=320, batches=[1, 2], dtypes=["fp32", "bf16"], warmup=1, repeats=3, proposals=None,
                 detections=300, crop_proposals=16, crop_repeats=2, train_batch=2, train_steps=2, train_rounds=1,
                 train_dtype="fp32", distill_proposals=300, precompute_images=1, precompute_proposals=16,
-                precompute_workers=0, precompute_batch=1, vocab_names=2, swap_repeats=20, clip_model="ViT-B-32",
+                precompute_workers=0, precompute_batch=1, vocab_names=16, swap_repeats=20, clip_model="ViT-B-32",
                 breakdown=True,
                 # one thread: on a shared, oversubscribed machine every multi-threaded op waits at its OpenMP
                 # barrier for a descheduled thread (~8 ms per op), which swamps op-heavy code (see README)

@@ -242,3 +242,25 @@ def test_region_embeddings_fill_whole_encoder_batches(teacher):
     finally:
         teacher.batch_size = before
         teacher.model.encode_image = encode
+
+
+def test_prompts_cut_to_their_length_embed_the_same(teacher):
+    """The text tower on prompts cut after the last end token gives encode_text's embeddings."""
+    from vild.teacher.text_encoder import can_truncate, encode_prompts
+    assert teacher._truncate_prompts and can_truncate(teacher.model)
+    tokens = teacher.tokenizer(["a kite.", "a photo of a small red unicycle in the scene.", "x"])
+    assert int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]  # there is padding to cut
+    seen = []
+    hook = teacher.model.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(a[0].shape[1]),
+                                                                 with_kwargs=True)
+    try:
+        with torch.no_grad():
+            cut = encode_prompts(teacher.model, tokens, teacher.device, truncate=True)
+            full = teacher.model.encode_text(tokens)
+    finally:
+        hook.remove()
+    assert seen == [int(tokens.argmax(-1).max()) + 1, tokens.shape[1]]
+    assert torch.allclose(cut, full, atol=1e-5)
+    # a text tower that is not causal cannot be cut: padding would reach the pooled token
+    teacher.model.attn_mask = None
+    assert not can_truncate(teacher.model)

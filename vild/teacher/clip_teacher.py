@@ -17,6 +17,7 @@ from torchvision.ops import roi_align
 
 from ..utils.atomic import atomic_save
 from .templates import fill_template, get_templates
+from .text_encoder import can_truncate, encode_prompts
 from .vocabulary import clean_name, parse_vocabulary
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -94,6 +95,7 @@ class CLIPTeacher(nn.Module):
         # Probed once: model classes (CLIP, CustomTextCLIP, timm towers) store D in different places.
         with torch.no_grad():
             self._embed_dim = int(self.model.encode_text(self.tokenizer(["a"]).to(self.device)).shape[-1])
+        self._truncate_prompts = can_truncate(self.model)
 
         cfg = getattr(self.model.visual, "preprocess_cfg", {}) or {}
         size = getattr(self.model.visual, "image_size", None) or cfg.get("size", 224)
@@ -174,7 +176,7 @@ class CLIPTeacher(nn.Module):
         for b in range(0, len(prompts), self.batch_size):
             idx, texts = zip(*prompts[b:b + self.batch_size])
             with self._autocast():
-                e = self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
+                e = encode_prompts(self.model, self.tokenizer(list(texts)), self.device, self._truncate_prompts)
             per_syn.index_add_(0, torch.tensor(idx), F.normalize(e.float(), dim=-1).cpu())
         per_syn = F.normalize(per_syn, dim=-1)
         owner = torch.tensor([k for k, syns in enumerate(vocab) for _ in syns])
