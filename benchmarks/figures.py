@@ -138,9 +138,16 @@ def inference(ctx: Context) -> dict:
                 f"img/s, ratio {ratio:.2f}; detections/img {row['vild']['mean_detections']} vs "
                 f"{row['torchvision']['mean_detections']}{'' if fair else '  (NOT all at the detection cap!)'}")
             rows.append(row)
+    # the work behind one image (fp32, batch 1): ViLD's head does more, its post-processing less
+    imgs = random_images(1, a.size, dev, seed=1)
+    gf = {"vild": _forward_flops(vild, imgs) / 1e9,
+          "torchvision": _forward_flops(tv, [i.float() / 255.0 for i in imgs]) / 1e9}
+    flops = {"measure": "matmul + convolution FLOPs of one fp32 forward of one image (torch.utils.flop_counter)",
+             "gflop_per_image": {k: round(v, 1) for k, v in gf.items()},
+             "ratio_vild_over_torchvision": round(gf["vild"] / gf["torchvision"], 3)}
     return {"size": a.size, "vocabulary": {"vild": LVIS_CLASSES, "torchvision": 91},
             "proposals_per_image": a.proposals or 1000, "detections_per_image": a.detections,
-            "score_thresh": 0.0, "rows": rows, "stage_seconds_per_batch": breakdowns,
+            "score_thresh": 0.0, "rows": rows, "flops": flops, "stage_seconds_per_batch": breakdowns,
             "note": ("CPU: batches 1 and 2 (batch 8 is too slow on 2 cores), one repeat fewer at batch 2; "
                      "bf16 autocast at batch 1 only"
                      if not ctx.cuda else "")}
@@ -336,6 +343,15 @@ def train_worker(args) -> dict:
     return {"model": kind, "step_seconds": times, "gflop_per_step": round(flops / 1e9, 2),
             "peak_memory_mib": round(peak, 1), "memory_measure": measure,
             "losses": {k: round(float(v.detach()), 4) for k, v in losses.items()}, **extra}
+
+
+def _forward_flops(model, images) -> float:
+    """Matmul and convolution FLOPs of one inference forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(images)
+    return float(counter.get_total_flops())
 
 
 def _step_flops(step) -> float:

@@ -135,6 +135,10 @@ def markdown(results: dict) -> str:
                      f"{row['vild']['images_per_s']:.3f} ({row['vild']['mean_detections']:.0f}) | "
                      f"{row['torchvision']['images_per_s']:.3f} ({row['torchvision']['mean_detections']:.0f}) | "
                      f"{row['ratio']:.2f}× | {tgt(row['target'])} |")
+    fl = figs.get("inference", {}).get("flops")
+    if fl:
+        lines.append(f"| inference work per image (GFLOP, fp32) | {fl['gflop_per_image']['vild']:.0f} | "
+                     f"{fl['gflop_per_image']['torchvision']:.0f} | {fl['ratio_vild_over_torchvision']:.2f}× | — |")
     c = figs.get("crops")
     if c:
         lines.append(f"| ViLD vs RPN + CLIP on {c['proposals_embedded']} crops ×{len(c['crop_scales'])} scales (img/s) | "

@@ -38,6 +38,7 @@ def test_benchmark_smoke_writes_wellformed_json(tmp_path):
             assert row[k]["masks_ok"]
         assert _finite(row["ratio"])
         assert row["target"] is None or isinstance(row["target"]["met"], bool)
+    assert all(v > 0 for v in inf["flops"]["gflop_per_image"].values())
     assert {"backbone+fpn", "rpn", "box_head", "mask_head", "mask_paste", "total"} <= \
         set(next(iter(inf["stage_seconds_per_batch"].values()))["vild"])
 
