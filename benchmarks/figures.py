@@ -140,8 +140,9 @@ def inference(ctx: Context) -> dict:
             rows.append(row)
     # the work behind one image (fp32, batch 1): ViLD's head does more, its post-processing less
     imgs = random_images(1, a.size, dev, seed=1)
-    gf = {"vild": _forward_flops(vild, imgs) / 1e9,
-          "torchvision": _forward_flops(tv, [i.float() / 255.0 for i in imgs]) / 1e9}
+    with torch.inference_mode():
+        gf = {"vild": _flops(lambda: vild(imgs)) / 1e9,
+              "torchvision": _flops(lambda: tv([i.float() / 255.0 for i in imgs])) / 1e9}
     flops = {"measure": "matmul + convolution FLOPs of one fp32 forward of one image (torch.utils.flop_counter)",
              "gflop_per_image": {k: round(v, 1) for k, v in gf.items()},
              "ratio_vild_over_torchvision": round(gf["vild"] / gf["torchvision"], 3)}
@@ -324,7 +325,7 @@ def train_worker(args) -> dict:
         losses, dt = timed(step, dev)
         if i >= args.warmup:
             times.append(dt)
-    flops = _step_flops(step)
+    flops = _flops(step)  # after the timed steps: the counting mode slows a step down
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20
         measure = "torch.cuda.max_memory_allocated (weights, gradients, optimizer state, activations)"
@@ -345,22 +346,12 @@ def train_worker(args) -> dict:
             "losses": {k: round(float(v.detach()), 4) for k, v in losses.items()}, **extra}
 
 
-def _forward_flops(model, images) -> float:
-    """Matmul and convolution FLOPs of one inference forward."""
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model(images)
-    return float(counter.get_total_flops())
-
-
-def _step_flops(step) -> float:
-    """Matmul and convolution FLOPs of one training step, forward and backward (after the timed steps:
-    the counting mode slows the step down)."""
+def _flops(fn) -> float:
+    """Matmul and convolution FLOPs of one call of ``fn`` (forward, and backward if it runs one)."""
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     with counter:
-        step()
+        fn()
     return float(counter.get_total_flops())
 
 

@@ -111,10 +111,11 @@ def scene_crops(rng: np.random.Generator, crop_size: int = 32, image_size: int =
 
 
 def make_caption_dataset(num: int, seed: int = 0, crop_size: int = 32, scene_share: float = 0.0,
-                         **kwargs) -> tuple[np.ndarray, list[str], np.ndarray]:
+                         template_share: float = 0.5, **kwargs) -> tuple[np.ndarray, list[str], np.ndarray]:
     """`num` captioned crops as (uint8 [N, S, S, 3] RGB, captions, labels int64 [N]).
 
-    A ``scene_share`` of them are objects cropped from cluttered scenes, the rest single rendered shapes.
+    A ``scene_share`` of them are objects cropped from cluttered scenes, the rest single rendered shapes
+    (``kwargs`` go to ``render_crop``); a ``template_share`` of all captions are prompt templates.
     """
     rng = np.random.default_rng([seed, 2024])
     images = np.empty((num, crop_size, crop_size, 3), np.uint8)
@@ -123,12 +124,12 @@ def make_caption_dataset(num: int, seed: int = 0, crop_size: int = 32, scene_sha
     while k < num:
         if rng.random() < scene_share:
             if not pool:
-                pool = scene_crops(rng, crop_size, template_share=kwargs.get("template_share", 0.5))
+                pool = scene_crops(rng, crop_size, template_share=template_share)
             if not pool:
                 continue
             sample = pool.pop()
         else:
-            sample = render_crop(rng, crop_size, **kwargs)
+            sample = render_crop(rng, crop_size, template_share=template_share, **kwargs)
         images[k], cap, labels[k] = sample
         captions.append(cap)
         k += 1

@@ -43,7 +43,6 @@ def sha256_file(path: Union[str, os.PathLike], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-
 def _create_model(name: str, pretrained: Optional[str], device: torch.device) -> nn.Module:
     """open_clip.create_model with errors that say what to do instead."""
     if ":" not in name and name not in open_clip.list_models():
@@ -199,15 +198,11 @@ class CLIPTeacher(nn.Module):
     @torch.no_grad()
     def embed_crops(self, crops: Tensor) -> Tensor:
         """[B, D] L2-normalised image embeddings of crops [B, 3, S, S] with values 0..1 (on the CPU)."""
-        return self._embed_crops(crops).cpu()
-
-    def _embed_crops(self, crops: Tensor) -> Tensor:
-        # stays on the teacher's device: callers gather results there and copy to the host once
         crops = crops.to(self.device, torch.float32)
         if tuple(crops.shape[-2:]) != self.image_size:
             crops = F.interpolate(crops, size=self.image_size, mode="bilinear", align_corners=False,
                                   antialias=True)
-        return self._encode(crops, normalized=False)
+        return self._encode(crops, normalized=False).cpu()
 
     def _encode(self, x: Tensor, normalized: bool) -> Tensor:
         """Unit embeddings of [B, 3, S, S] crops, batch_size at a time; ``normalized``: already (x - mean) / std."""
@@ -280,14 +275,11 @@ class CLIPTeacher(nn.Module):
             if n < len(crops):
                 pending.append(crops[n:])
 
-        queued = 0
         for i, lo, crops in self._region_chunks(images, boxes_list, normalize=True):
             pending.append(crops)
             owners.append((i, lo, len(crops)))
-            queued += len(crops)
-            if queued >= self.batch_size:
+            if sum(len(c) for c in pending) >= self.batch_size:
                 flush(final=False)
-                queued = sum(len(c) for c in pending)
         if pending:
             flush(final=True)
         if not sums:
