@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -275,7 +274,8 @@ def test_cpu_conv_stacks_give_the_same_outputs(monkeypatch):
     for name in ("_folded_block", "_linear_as_conv"):
         fn = getattr(conv_stack, name)
         key = "fold" if name == "_folded_block" else "fc"
-        monkeypatch.setattr(conv_stack, name, lambda *a, fn=fn, key=key: calls.__setitem__(key, calls[key] + 1) or fn(*a))
+        monkeypatch.setattr(conv_stack, name,
+                            lambda *a, fn=fn, key=key: calls.__setitem__(key, calls[key] + 1) or fn(*a))
     img, target = scene()
     results = []
     for path in ("fast", "plain"):

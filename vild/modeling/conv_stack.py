@@ -16,7 +16,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops.misc import Conv2dNormActivation
 
-
 # below this many RoIs, reordering the fc's weights for the convolution costs more than it saves (break-even
 # was ~300 RoIs for the R50 head's 12544 -> 1024 fc)
 FC_AS_CONV_MIN_ROWS = 512

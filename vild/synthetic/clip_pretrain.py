@@ -18,9 +18,9 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from vild.utils.atomic import atomic_save
 from vild.synthetic.captions import make_caption_dataset
 from vild.synthetic.shapes import CATEGORIES, NOVEL_NAMES
+from vild.utils.atomic import atomic_save
 
 MODEL_NAME = "vild-tiny-clip"
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "teacher" / "model_configs"
@@ -60,7 +60,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         (no_decay if p.ndim < 2 or "embedding" in n or "logit_scale" in n else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
-
 
 
 def pretrain_teacher(out_path: str, seed: int = 0, steps: int = 600, batch_size: int = 128,

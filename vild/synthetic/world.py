@@ -23,9 +23,9 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
 
-from vild.utils.atomic import atomic_write_json
 from vild.synthetic.shapes import (CATEGORIES, CATEGORY_NAMES, COLORS, NOVEL_NAMES, jitter_color,
                                    paint, random_angle, random_background, shape_mask)
+from vild.utils.atomic import atomic_write_json
 
 GENERATOR_VERSION = "shapes-v1"
 _PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 3]
@@ -173,12 +173,12 @@ def generate_world(out_dir: str, seed: int = 0, num_train: int = 600, num_val: i
                        for im in images]
         paths[f"coco_{split}"] = os.path.join(out_dir, f"coco_{split}.json")
         atomic_write_json(paths[f"coco_{split}"], {"info": info, "images": coco_images,
-                                             "annotations": coco_anns, "categories": coco_cats,
-                                             "licenses": []}, separators=(",", ":"))
+                                                   "annotations": coco_anns, "categories": coco_cats,
+                                                   "licenses": []}, separators=(",", ":"))
         paths[f"lvis_{split}"] = os.path.join(out_dir, f"lvis_{split}.json")
         atomic_write_json(paths[f"lvis_{split}"], {"info": info, "images": images,
-                                             "annotations": lvis_anns, "categories": lvis_cats,
-                                             "licenses": []}, separators=(",", ":"))
+                                                   "annotations": lvis_anns, "categories": lvis_cats,
+                                                   "licenses": []}, separators=(",", ":"))
         paths[f"images_{split}"] = os.path.join(out_dir, "images", split)
     world = {**paths, "out_dir": out_dir, "seed": seed, "generator_version": GENERATOR_VERSION,
              "image_size": image_size, "category_names": list(CATEGORY_NAMES),
