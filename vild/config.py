@@ -9,7 +9,8 @@ from typing import Any, Iterable
 
 import yaml
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Inside the package so an installed vild finds them too; the checkout's top-level configs/ links here.
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
 
 class CfgNode(dict):
@@ -246,7 +247,7 @@ def get_cfg() -> CfgNode:
 
 
 def resolve_config_path(name: str | os.PathLike) -> Path:
-    """Find a config by path, or by bare name inside the repository's ``configs/``."""
+    """Find a config by path, or by bare name among the shipped ``configs/``."""
     p = Path(name).expanduser()
     if p.is_file():
         return p.resolve()

@@ -1,0 +1,64 @@
+"""Console entry points of an installed vild: ``vild-detect``, ``vild-train``, ``vild-precompute``, ``vild-demo``.
+
+Each returns the process exit status; ``tools/*.py`` in a checkout call the same functions.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def detect(argv: list[str] | None = None) -> int:
+    """``vild-detect --vocab "kite,unicycle" --input IMG``: see ``vild.detect_cli``."""
+    from .detect_cli import main
+
+    return main(argv)
+
+
+def train(argv: list[str] | None = None) -> int:
+    """``vild-train --config vild_r50.yaml [--eval-only] [--num-gpus N] [KEY VALUE ...]``."""
+    from .engine.launch import main
+
+    main(argv)
+    return 0
+
+
+def precompute(argv: list[str] | None = None) -> int:
+    """``vild-precompute --config vild_r50.yaml --weights rpn.pth``: fill the CLIP proposal store."""
+    from .engine.precompute import main
+
+    main(argv)
+    return 0
+
+
+def demo(argv: list[str] | None = None, results_dir: str | None = None, picture: str | None = None) -> int:
+    """``vild-demo``: the synthetic-world ablation; table and picture go under ``--out`` unless given."""
+    p = argparse.ArgumentParser(
+        description="The synthetic-world demo: world -> tiny CLIP -> ViLD-text / ViLD / ensemble / oracle -> table.")
+    p.add_argument("--out", default="output/demo", help="cache and output folder")
+    p.add_argument("--recompute", action="store_true", help="ignore cached stages and start afresh")
+    p.add_argument("--fast", action="store_true", help="a few images and steps (smoke test; numbers meaningless)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--results-dir", default=results_dir,
+                   help="where the table goes ('' = nowhere; default: OUT/results)")
+    p.add_argument("--picture", default=picture,
+                   help="detections of novel categories ('' = none; default: OUT/demo_novel_detections.png)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--iters", type=int, default=0, help="training iterations per detector (default: DemoSettings)")
+    p.add_argument("--export", default="", help="after the run, copy the ViLD model (fp16) and teacher here")
+    p.add_argument("--teacher-steps", type=int, default=0, help="teacher pretraining steps (default: DemoSettings)")
+    a = p.parse_args(argv)
+
+    from .synthetic.demo import DemoSettings, export_demo_model, run_demo
+
+    s = DemoSettings.fast() if a.fast else DemoSettings()
+    s.seed = a.seed
+    s.detector_iters = a.iters or s.detector_iters
+    s.teacher_steps = a.teacher_steps or s.teacher_steps
+    results = str(Path(a.out) / "results") if a.results_dir is None else a.results_dir
+    pic = str(Path(a.out) / "demo_novel_detections.png") if a.picture is None else a.picture
+    run_demo(a.out, s, recompute=a.recompute, results_dir=results or None, picture=pic or None,
+             threads=a.threads or None)
+    if a.export:
+        print(f"exported {export_demo_model(a.out, a.export)}")
+    return 0
