@@ -6,10 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
 
 from vild.engine.checkpoint import load_checkpoint
+from vild.engine.curves import PANEL_H, panels, read_metrics
 from vild.engine.launch import main as train_main
 from vild.engine.precompute import main as precompute_main
 
@@ -55,6 +57,10 @@ def test_train_eval_and_outputs(world, teacher_file):
     metrics = results["synth_val"]
     assert {"bbox", "segm"} <= set(metrics) and "APr" in metrics["bbox"]
     assert (out / "inference" / "synth_val" / "metrics.json").is_file()
+    curves = cv2.imread(str(out / "training_curves.png"))  # losses, lr and the final evaluation, drawn
+    assert curves is not None and curves.shape[0] >= 2 * PANEL_H
+    assert {"total_loss", "lr", "synth_val/bbox", "synth_val/segm"} <= {t for t, _ in panels(read_metrics(
+        out / "metrics.jsonl"))}
     ckpt = load_checkpoint(out / "model_final.pth")
     assert ckpt["iteration"] == 4 and ckpt["teacher"]["sha256"] and ckpt["cfg"]["MODEL"]["VILD"]["VARIANT"] == "text"
     assert len(ckpt["vocabulary"]) == len(world["base_names"])  # novel categories are not in training

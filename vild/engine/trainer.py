@@ -15,6 +15,7 @@ from ..config import CfgNode
 from ..modeling import ViLD, build_model
 from ..utils import comm
 from .checkpoint import FORMAT_VERSION, atomic_save, last_checkpoint, load_checkpoint, rng_state, set_rng_state
+from .curves import plot_training_curves
 from .distributed import init_distributed, resolve_device
 from .logger import ETA, MetricsWriter, setup_logger
 
@@ -249,6 +250,7 @@ class Trainer:
         if results:
             writer = MetricsWriter(self.output_dir, enabled=comm.is_main_process(), tensorboard=False)
             writer.write(max_iter, _flatten(results))
+        self._plot_curves()
         return results
 
     def _checkpoint(self, iteration: int, optimizer, scaler, final: bool) -> None:
@@ -257,7 +259,18 @@ class Trainer:
             save_training_checkpoint(self.output_dir / name, self.cfg, self.model, optimizer, iteration,
                                      self.teacher.identity, self.vocabulary, scaler)
             self.logger.info("saved %s", self.output_dir / name)
+            self._plot_curves()
         comm.synchronize()
+
+    def _plot_curves(self) -> None:
+        """Redraw OUTPUT_DIR/training_curves.png; a plotting problem is logged, never ends a training run."""
+        metrics = self.output_dir / "metrics.jsonl"
+        if not comm.is_main_process() or not metrics.is_file():
+            return
+        try:
+            plot_training_curves(metrics)
+        except Exception as e:  # noqa: BLE001 -- a picture must not end a days-long run; the log keeps the cause
+            self.logger.warning("could not draw training curves from %s: %r", metrics, e)
 
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()

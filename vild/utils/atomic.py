@@ -5,7 +5,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import IO, Any, Callable
 
 import torch
 
@@ -32,6 +32,11 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: st
 def atomic_save(obj: object, path: str | os.PathLike) -> None:
     """``torch.save`` atomically."""
     _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    _atomic_write(path, lambda f: f.write(data), "wb")
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> None:
