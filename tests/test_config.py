@@ -34,6 +34,11 @@ def test_bare_config_name_resolves_from_any_directory(tmp_path, monkeypatch):
         load_config(name)
     with pytest.raises(FileNotFoundError, match="known"):
         resolve_config_path("nope.yaml")
+    assert resolve_config_path("configs/vild_r50.yaml") == CONFIGS_DIR / "vild_r50.yaml"
+    assert resolve_config_path("synthetic/demo_base.yaml") == CONFIGS_DIR / "synthetic" / "demo_base.yaml"
+    # a mistyped path to one's own edited copy is an error, not the shipped file of the same name
+    with pytest.raises(FileNotFoundError):
+        resolve_config_path("my_experiments/typo_dir/vild_r50.yaml")
 
 
 def test_paper_architecture_values():

@@ -10,14 +10,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import COCO_NAME, DROPPED
+
 from vild.config import get_cfg
-from vild.data import (COCO_OVD_BASE, COCO_OVD_NOVEL, DetectionDataset, ProposalStore, ProposalStoreWriter,
-                       build_dataset, build_test_loader, build_train_loader, build_transforms, get_dataset_meta,
-                       register_dataset)
+from vild.data import (
+    COCO_OVD_BASE,
+    COCO_OVD_NOVEL,
+    DetectionDataset,
+    ProposalStore,
+    ProposalStoreWriter,
+    build_dataset,
+    build_test_loader,
+    build_train_loader,
+    build_transforms,
+    get_dataset_meta,
+    register_dataset,
+)
+from vild.data.dataset import decode_mask
 from vild.data.loader import InferenceSampler, InfiniteSampler
 from vild.data.transforms import DetectionTransform
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _json(path: str) -> dict:
@@ -151,10 +164,10 @@ def test_resize_mode_scales_longest_side(world):
     assert build_transforms(cfg, train=False) is None
 
 
-def test_unreadable_image_is_skipped_and_reported(world, tmp_path, caplog):
+def test_unreadable_image_is_skipped_and_reported_in_training(world, tmp_path, caplog):
     images = tmp_path / "images"
     shutil.copytree(world["images_val"], images)
-    ds = DetectionDataset(world["coco_val"], images, "coco", "all", train=False)
+    ds = DetectionDataset(world["coco_val"], images, "coco", "all", train=True)
     bad = ds.image_path(ds._records[1][0])
     bad.write_bytes(b"not a png")
     with caplog.at_level(logging.WARNING):
@@ -162,6 +175,29 @@ def test_unreadable_image_is_skipped_and_reported(world, tmp_path, caplog):
     assert t["image_id"] == ds.image_ids[2]
     assert ds.num_unreadable == 1 and str(bad) in caplog.text
     assert ds[1][1]["image_id"] == ds.image_ids[2] and ds.num_unreadable == 1  # remembered, not re-read
+
+
+def test_unreadable_test_image_stops_evaluation_and_skip_mode_returns_none(world, tmp_path):
+    """A stand-in would score its neighbour twice and the bad image's objects never."""
+    images = tmp_path / "images"
+    shutil.copytree(world["images_val"], images)
+    ds = DetectionDataset(world["coco_val"], images, "coco", "all", train=False)
+    bad = ds.image_path(ds._records[1][0])
+    bad.write_bytes(b"not a png")
+    with pytest.raises(RuntimeError, match=f"unreadable image {bad}.*scored on every image"):
+        ds[1]
+    skip = DetectionDataset(world["coco_val"], images, "coco", "all", train=False, unreadable="skip")
+    assert skip[1] is None and skip[1] is None and skip[2][1]["image_id"] == skip.image_ids[2]
+
+
+def test_polygons_too_short_for_a_shape_fall_back_to_the_box():
+    """pycocotools reads a 4-number polygon as a box and fails on fewer; detectron2 drops such polygons."""
+    m = decode_mask([[1, 1, 5, 5]], [2, 3, 4, 5], 10, 12)
+    assert m.sum() == 20 and m[3:8, 2:6].all()
+    m = decode_mask([[]], [0, 0, 2, 2], 10, 12)
+    assert m.sum() == 4
+    tri = decode_mask([[1, 1, 5, 5], [0, 0, 8, 0, 8, 8]], [0, 0, 8, 8], 10, 12)
+    assert 20 < tri.sum() < 64  # the valid triangle is kept, the bad polygon dropped
 
 
 def test_missing_proposals_get_zero_and_are_counted(world, tmp_path):
@@ -226,3 +262,20 @@ def test_test_loader_sees_every_image_once(world):
     ds = DetectionDataset(world["lvis_val"], world["images_val"], "lvis", "lvis", train=False)
     seen = [t["image_id"] for _, targets in build_test_loader(cfg, ds) for t in targets]
     assert seen == ds.image_ids
+
+
+def test_prepare_coco_ovd_train_file_has_base_annotations_only(coco_ovd_world):
+    """Other tools read these files without the split marker: a novel box in the train file would leak."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("prepare_coco_ovd", REPO / "datasets" / "prepare_coco_ovd.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = _json(coco_ovd_world["coco_train"])
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    train, val = mod.make_ovd(data, train=True), mod.make_ovd(_json(coco_ovd_world["coco_val"]), train=False)
+    assert {names[a["category_id"]] for a in train["annotations"]} <= set(COCO_OVD_BASE)
+    assert any(names[a["category_id"]] in COCO_OVD_NOVEL for a in data["annotations"])
+    assert {c["split"] for c in train["categories"]} == {"base", "novel"}
+    assert any(c["split"] == "novel" and a["category_id"] == c["id"]
+               for a in val["annotations"] for c in val["categories"])
+    assert not {c["name"] for c in train["categories"]} & DROPPED

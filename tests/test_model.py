@@ -183,11 +183,11 @@ def test_set_vocabulary_changes_labels_and_checks_dimension():
 
 
 def naive_select(boxes, scores, score_thresh, nms_thresh, max_dets):
-    """The straightforward post-process: every (box, class) over the threshold, per-class NMS."""
+    """The straightforward post-process: every (box with area, class) over the threshold, per-class NMS."""
     r, k = scores.shape
     b = boxes[:, None].expand(r, k, 4).reshape(-1, 4)
     s, lab = scores.reshape(-1), torch.arange(k).repeat(r)
-    keep = s > score_thresh
+    keep = (s > score_thresh) & (b[:, 2] - b[:, 0] > 1e-2) & (b[:, 3] - b[:, 1] > 1e-2)
     b, s, lab = b[keep], s[keep], lab[keep]
     keep = batched_nms(b, s, lab, nms_thresh)[:max_dets]
     return b[keep], s[keep], lab[keep]
@@ -206,6 +206,31 @@ def test_fast_postprocess_gives_the_same_detections_as_the_naive_one():
     # all candidates (topk 0) must equal the reference exactly too
     for a, b in zip(ref, select_detections(boxes, scores, 0.0, 0.5, 100, topk_candidates=0)):
         assert torch.equal(a, b)
+
+
+def test_peaky_scores_grow_the_top_k_until_the_detections_are_exact():
+    """A trained model's scores are peaky: the best pairs are mostly one class on overlapping boxes, so
+    NMS over the first top-k leaves few; the result must still be the full 300 the naive path gives."""
+    g = torch.Generator().manual_seed(1)
+    centers = torch.rand(6, 2, generator=g) * 400
+    xy = centers.repeat_interleave(100, 0) + torch.randn(600, 2, generator=g) * 3  # 6 objects, 100 boxes each
+    boxes = torch.cat([xy, xy + 60], 1)
+    boxes[5, 2] = boxes[5, 0]  # clipped to nothing: no detection, however high it scores
+    logits = torch.randn(600, 1 + 400, generator=g) * 0.3
+    obj = torch.arange(600) // 100
+    for j, bonus in enumerate((12, 10, 8)):  # each object's three likeliest classes dominate all its boxes
+        logits[torch.arange(600), 1 + 3 * obj + j] += bonus
+    scores = logits.softmax(-1)[:, 1:]
+    scores[5] = 0.99
+    ref = naive_select(boxes, scores, 0.0, 0.5, 300)
+    assert len(ref[0]) == 300 and 5 not in select_detections(boxes, scores, 0.0, 0.5, 300, 0)[3].tolist()
+    kth = torch.cat([scores[:5], scores[6:]]).reshape(-1).topk(1000).values[-1]
+    assert (ref[1] < kth).sum() > 200, "the case must need more than the first top-k"
+    fast = select_detections(boxes, scores, 0.0, 0.5, 300, topk_candidates=1000)
+    assert torch.equal(ref[1], fast[1])
+    # the order of exactly tied scores is arbitrary: compare the detections as a set
+    as_set = lambda d: sorted(zip(d[1].tolist(), d[2].tolist(), map(tuple, d[0].tolist())))  # noqa: E731
+    assert as_set(ref) == as_set(fast)
 
 
 def naive_paste(probs, boxes, h, w):
@@ -315,3 +340,77 @@ def test_hooks_on_a_head_still_fire():
     with torch.no_grad():
         model([scene()[0]])
     assert len(seen) == 1 and seen[0][1] == model.roi_heads.text_head.stack[-2].out_features
+
+
+def _resnet_cfg(**opts):
+    from vild.config import get_cfg
+    cfg = get_cfg()
+    cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.OUT_CHANNELS = "resnet18", 16
+    for k, v in opts.items():
+        setattr(cfg.MODEL.BACKBONE, k, v)
+    return cfg
+
+
+def test_frozen_bn_from_scratch_is_refused_unless_a_checkpoint_follows(tmp_path):
+    from vild.modeling.backbone import build_backbone
+    with pytest.raises(ValueError, match="NORM SyncBN"):
+        build_backbone(_resnet_cfg(NORM="FrozenBN", PRETRAINED=""))
+    build_backbone(_resnet_cfg(NORM="FrozenBN", PRETRAINED=""), load_pretrained=False)
+    assert _resnet_cfg().MODEL.BACKBONE.NORM == "SyncBN"  # the default trains from scratch with working BN
+
+
+def test_frozen_stages_keep_their_batchnorm_statistics(tmp_path):
+    from torchvision.models import resnet18
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from vild.modeling.backbone import build_backbone
+    torch.manual_seed(0)
+    weights = tmp_path / "r18.pth"
+    torch.save(resnet18().state_dict(), weights)
+    cfg = _resnet_cfg(NORM="BN", PRETRAINED=str(weights), TRAINABLE_LAYERS=2)
+    net = build_backbone(cfg).train()
+    body = net.body
+    assert isinstance(body.bn1, FrozenBatchNorm2d) and isinstance(body.layer2[0].bn1, FrozenBatchNorm2d)
+    assert isinstance(body.layer3[0].bn1, torch.nn.BatchNorm2d)  # trainable stages keep learning statistics
+    before = {k: v.clone() for k, v in body.state_dict().items()}
+    net(torch.randn(2, 3, 64, 64) * 5 + 3)
+    after = body.state_dict()
+    frozen = [k for k in before if k.startswith(("bn1.", "layer1.", "layer2.")) and "running_mean" in k]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["layer3.0.bn1.running_mean"], after["layer3.0.bn1.running_mean"])
+    # a checkpoint's model is built the same way without the ImageNet file being present
+    weights.unlink()
+    again = build_backbone(cfg, load_pretrained=False)
+    assert again.state_dict().keys() == net.state_dict().keys()
+
+
+def test_classifier_logits_are_fp32_under_bf16_autocast():
+    """×100 logits in bf16 come in steps of 0.25: enough to reorder near-tied classes."""
+    from vild.modeling.classifier import TextClassifier
+    torch.manual_seed(0)
+    clf = TextClassifier(64)
+    clf.set_vocabulary(torch.randn(300, 64))
+    x = F.normalize(torch.randn(50, 64), dim=-1)
+    ref = clf(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        exact = clf(x)
+        from_bf16 = clf(x.bfloat16())
+    assert exact.dtype == from_bf16.dtype == torch.float32
+    assert torch.equal(exact, ref)
+
+
+@pytest.mark.parametrize("variant", ["text", "vild", "ensemble"])
+def test_every_parameter_gets_a_gradient_without_objects_or_proposals(variant):
+    """DDP runs with find_unused_parameters=False: a crop with no object (common under large-scale jitter)
+    or an image without stored proposals must still give every parameter a gradient."""
+    model = tiny_model(variant)
+    model.set_vocabulary(vocab(), torch.tensor([True, True, False]))
+    model.train()
+    img, t = scene()
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+             "masks": torch.zeros(0, *img.shape[1:], dtype=torch.uint8),
+             "proposal_boxes": torch.zeros(0, 4), "proposal_embeds": torch.zeros(0, DIM),
+             "proposal_valid": torch.zeros(0, dtype=torch.bool)}
+    sum(model([img, img], [empty, dict(empty)]).values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient for {missing[:5]}"

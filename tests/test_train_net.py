@@ -52,7 +52,7 @@ def test_train_eval_and_outputs(world, teacher_file):
     results = train_main(["--config", "tiny_test.yaml", *world_opts(world, out)])
     assert (out / "model_final.pth").is_file() and (out / "model_0000002.pth").is_file()
     assert (out / "config.yaml").is_file() and list((out / "tensorboard").glob("events.*"))
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(l, parse_constant=_no_nan) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [l["iteration"] for l in lines if "total_loss" in l] == [1, 2, 3, 4]
     metrics = results["synth_val"]
     assert {"bbox", "segm"} <= set(metrics) and "APr" in metrics["bbox"]
@@ -68,6 +68,15 @@ def test_train_eval_and_outputs(world, teacher_file):
     again = train_main(["--config", "tiny_test.yaml", "--eval-only",
                         *world_opts(world, teacher_file / "eval", **{"MODEL.WEIGHTS": str(out / "model_final.pth")})])
     assert again["synth_val"]["bbox"]["AP"] == pytest.approx(metrics["bbox"]["AP"], nan_ok=True)
+    # without MODEL.WEIGHTS: the newest checkpoint of OUTPUT_DIR, as the help says; none there is an error
+    latest = train_main(["--config", "tiny_test.yaml", "--eval-only", *world_opts(world, out)])
+    assert latest["synth_val"]["bbox"]["AP"] == pytest.approx(metrics["bbox"]["AP"], nan_ok=True)
+    with pytest.raises(SystemExit, match="nothing to evaluate"):
+        train_main(["--config", "tiny_test.yaml", "--eval-only", *world_opts(world, teacher_file / "empty")])
+
+
+def _no_nan(name):
+    raise ValueError(f"metrics.jsonl holds {name}, which is not JSON")
 
 
 def test_precompute_store_then_distill_and_resume_matches_uninterrupted(world, teacher_file):
@@ -99,17 +108,41 @@ def test_precompute_store_then_distill_and_resume_matches_uninterrupted(world, t
     assert all(l["loss_distill"] > 0 for l in lines if "loss_distill" in l) and lines
 
 
+def test_precompute_leaves_an_unreadable_image_pending_in_its_own_shard(world, teacher_file, tmp_path):
+    """Shard 0's first image is unreadable; the next image belongs to shard 1 and must not stand in for it."""
+    images = tmp_path / "images"
+    shutil.copytree(world["images_train"], images)
+    first = sorted(json.loads(Path(world["lvis_train"]).read_text())["images"], key=lambda im: im["id"])[0]
+    bad = images / Path(first.get("file_name") or first["coco_url"]).name
+    good = bad.read_bytes()
+    bad.write_bytes(b"not an image")
+    custom = {"synth_train": {"JSON": world["lvis_train"], "IMAGES": str(images), "TYPE": "lvis", "SPLIT": "lvis"}}
+    args = ["--config", "tiny_test.yaml", "--weights", str(teacher_file / "text" / "model_final.pth"),
+            "--output", str(tmp_path / "store"), "--max-proposals", "20", "--shard", "0", "--num-shards", "2",
+            *world_opts(world, teacher_file / "unused", **{"DATASETS.CUSTOM": custom})]
+    stats = precompute_main(args)
+    shard0 = (world["num_train"] + 1) // 2
+    assert (stats["written"], stats["unreadable"]) == (shard0 - 1, 1)
+    assert precompute_main(args)["unreadable"] == 1  # still pending on a re-run
+    bad.write_bytes(good)
+    assert precompute_main(args)["written"] == 1
+
+
 def test_torchrun_two_processes_on_cpu(world, teacher_file):
     """``--num-gpus 2`` re-launches the script under ``torchrun --standalone``: DDP over gloo on the CPU."""
     out = teacher_file / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, str(ROOT / "tools" / "train_net.py"), "--num-gpus", "2", "--config", "tiny_test.yaml",
-           *world_opts(world, out, max_iter=3, **{"SOLVER.CHECKPOINT_PERIOD": 100, "SOLVER.IMS_PER_BATCH": 4})]
+           *world_opts(world, out, max_iter=3, **{"SOLVER.CHECKPOINT_PERIOD": 100, "SOLVER.IMS_PER_BATCH": 4,
+                                                   "MODEL.BACKBONE.NORM": "SyncBN"})]  # CUDA-only: plain BN here
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 process(es)" in proc.stdout
+    assert "2 process(es)" in proc.stdout and "SyncBN runs on CUDA only" in proc.stdout + proc.stderr
     assert sorted(p.name for p in out.glob("model_*.pth")) == ["model_final.pth"]
-    assert load_checkpoint(out / "model_final.pth")["iteration"] == 3
+    ckpt = load_checkpoint(out / "model_final.pth")
+    assert ckpt["iteration"] == 3
+    # each rank's own random stream is saved, so a resumed run does not give every rank rank 0's
+    assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
     metrics = json.loads((out / "inference" / "synth_val" / "metrics.json").read_text())
     assert "bbox" in metrics
     # both ranks' predictions reached rank 0: every val image has results

@@ -135,7 +135,7 @@ class Detector:
         teacher = CLIPTeacher.from_config(cfg, dev)
         _check_teacher(ckpt.get("teacher") or {}, teacher, path)
         from .modeling import build_model
-        model = build_model(cfg)
+        model = build_model(cfg, load_pretrained=False)  # the checkpoint has every weight
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:

@@ -130,7 +130,7 @@ _DEFAULTS: dict = {
         "MASK_ON": True,
         "BACKBONE": {
             "NAME": "resnet50",  # resnet18/34/50/101/152, or "tiny" (a small CNN for tests and the demo)
-            "NORM": "FrozenBN",  # FrozenBN | BN | SyncBN
+            "NORM": "SyncBN",  # SyncBN | BN | FrozenBN (FrozenBN needs PRETRAINED weights)
             "TRAINABLE_LAYERS": 3,
             "PRETRAINED": "",  # torchvision ResNet state-dict file; "" = random init
             "OUT_CHANNELS": 256,
@@ -251,9 +251,11 @@ def resolve_config_path(name: str | os.PathLike) -> Path:
     p = Path(name).expanduser()
     if p.is_file():
         return p.resolve()
-    for cand in (CONFIGS_DIR / p, CONFIGS_DIR / p.name):
-        if cand.is_file():
-            return cand
+    # a shipped config by its name under configs/ ("vild_r50.yaml", "configs/synthetic/demo_base.yaml"),
+    # never by the last part of another path: a typo in a path to one's own copy must not load ours
+    shipped = Path(*p.parts[1:]) if p.parts[:1] == ("configs",) else p
+    if not p.is_absolute() and shipped.parts and (CONFIGS_DIR / shipped).is_file():
+        return CONFIGS_DIR / shipped
     known = ", ".join(sorted(q.name for q in CONFIGS_DIR.glob("*.yaml"))) if CONFIGS_DIR.is_dir() else "none"
     raise FileNotFoundError(f"config {str(name)!r} not found as a file or in {CONFIGS_DIR} (known: {known})")
 

@@ -41,14 +41,18 @@ def _api_tables(api: Any) -> tuple[dict, dict, dict]:
 
 
 def decode_mask(segm: Any, bbox: list[float], height: int, width: int) -> np.ndarray:
-    """Polygon / RLE / uncompressed RLE (or the box, when there is no segmentation) → uint8 [H, W]."""
+    """Polygon / RLE / uncompressed RLE (or the box, when there is no usable segmentation) → uint8 [H, W]."""
     if not segm:
         x, y, w, h = bbox
         m = np.zeros((height, width), np.uint8)
         m[int(round(y)):int(round(y + h)), int(round(x)):int(round(x + w))] = 1
         return m
     if isinstance(segm, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+        # a polygon needs 3 points; pycocotools would read a 4-number one as a box and fail on fewer
+        polys = [p for p in segm if len(p) >= 6 and len(p) % 2 == 0]
+        if not polys:
+            return decode_mask(None, bbox, height, width)
+        rle = mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
     elif isinstance(segm.get("counts"), list):
         rle = mask_utils.frPyObjects(segm, height, width)
     else:
@@ -62,14 +66,23 @@ class DetectionDataset(torch.utils.data.Dataset):
     Training: novel categories are removed from annotations and vocabulary (vocabulary = base
     names), crowd and degenerate boxes are dropped. Testing: all kept categories, ``base_mask``
     tells which are base. ``num_unreadable`` / ``missing_proposals`` count per process (per worker).
+
+    An unreadable image (or one whose size differs from the json) is replaced by the next readable one
+    with ``unreadable="next"`` (the default in training), stops the run with ``"raise"`` (the default
+    in testing: a test set is scored on every image, and a stand-in would score another image twice),
+    and comes back as ``None`` with ``"skip"`` (the proposal-store writer: no image under another's id).
     """
 
     def __init__(self, json_file: str | os.PathLike, image_root: str | os.PathLike, evaluator_type: str = "coco",
                  split: str = "all", train: bool = True, transforms: Callable | None = None,
-                 proposal_store: ProposalStore | None = None, filter_empty: bool | None = None, name: str = ""):
+                 proposal_store: ProposalStore | None = None, filter_empty: bool | None = None, name: str = "",
+                 unreadable: str | None = None):
         """Load ``json_file``; ``filter_empty`` (default: ``train``) drops images left without annotations."""
         self.name, self.json_file, self.image_root = name or Path(json_file).stem, str(json_file), Path(image_root)
         self.evaluator_type, self.split, self.train = evaluator_type, split, train
+        self.unreadable = unreadable or ("next" if train else "raise")
+        if self.unreadable not in ("next", "raise", "skip"):
+            raise ValueError(f"unreadable={unreadable!r}: expected 'next', 'raise' or 'skip'")
         self.transforms = transforms or DetectionTransform(None)
         self.proposal_store = proposal_store
         self.api = load_api(json_file, evaluator_type)
@@ -107,28 +120,35 @@ class DetectionDataset(torch.utils.data.Dataset):
         nested = self.image_root / folder / base  # LVIS val mixes COCO train2017 and val2017 images
         return nested if nested.exists() else self.image_root / base
 
-    def _read(self, img: dict) -> torch.Tensor | None:
+    def _read(self, img: dict) -> tuple[torch.Tensor | None, str]:
+        """The image as uint8 [3, H, W], or None and what is wrong with it."""
         path = self.image_path(img)
         arr = cv2.imread(str(path), cv2.IMREAD_COLOR)  # grayscale files come back as 3 channels too
         if arr is None:
-            logger.warning("unreadable image %s (id %s): skipped", path, img["id"])
-            return None
+            return None, f"unreadable image {path} (id {img['id']})"
         if arr.shape[:2] != (img["height"], img["width"]):
-            logger.warning("image %s is %s on disk but %s in the json: skipped", path, arr.shape[:2],
-                           (img["height"], img["width"]))
-            return None
-        return torch.from_numpy(cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).contiguous()
+            return None, (f"image {path} (id {img['id']}) is {arr.shape[:2]} on disk but "
+                          f"{(img['height'], img['width'])} in the json")
+        return torch.from_numpy(cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).contiguous(), ""
 
-    def __getitem__(self, idx: int) -> tuple[torch.Tensor, dict]:
-        """``(image uint8 [3, H, W], target)``; an unreadable image is replaced by the next readable one."""
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, dict] | None:
+        """``(image uint8 [3, H, W], target)``; an unusable image is handled as ``unreadable`` says."""
+        if self.unreadable == "skip" and idx in self._bad:
+            return None
         for k in range(len(self)):
             j = (idx + k) % len(self)
             if j in self._bad:
                 continue
-            image = self._read(self._records[j][0])
+            image, problem = self._read(self._records[j][0])
             if image is None:
+                if self.unreadable == "raise":
+                    raise RuntimeError(f"{problem}: dataset {self.name} is scored on every image, so none is "
+                                       f"skipped; repair the file or remove the image from {self.json_file}")
+                logger.warning("%s: skipped", problem)
                 self._bad.add(j)
                 self.num_unreadable += 1
+                if self.unreadable == "skip":
+                    return None
                 continue
             return self.transforms(image, self._target(j))
         raise RuntimeError(f"dataset {self.name}: no readable image at all under {self.image_root}")

@@ -14,7 +14,7 @@ from ..utils.atomic import atomic_save
 __all__ = ["FORMAT_VERSION", "atomic_save", "export_checkpoint", "last_checkpoint", "load_checkpoint", "rng_state",
            "set_rng_state"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "rng" holds every rank's state, by rank (1: rank 0's only)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

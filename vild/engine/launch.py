@@ -30,13 +30,19 @@ def main(argv: list[str] | None = None) -> dict:
     """Entry point shared by ``tools/train_net.py``."""
     args = train_argument_parser().parse_args(argv)
     cfg = setup_config(args)  # fail on a bad config before spawning anything
+    if args.eval_only and not cfg.MODEL.WEIGHTS:
+        from .checkpoint import last_checkpoint
+        if last_checkpoint(cfg.OUTPUT_DIR) is None:
+            raise SystemExit(f"--eval-only: nothing to evaluate, as MODEL.WEIGHTS is empty and {cfg.OUTPUT_DIR} holds "
+                             f"no checkpoint: pass MODEL.WEIGHTS path/to/model.pth")
     if args.num_gpus > 1 and not launched_by_torchrun():
         relaunch_with_torchrun(args.num_gpus)
     from .trainer import Trainer
     try:
         trainer = Trainer(cfg)
         if args.eval_only:
-            trainer.resume_or_load(resume=args.resume)
+            # MODEL.WEIGHTS, or else the newest checkpoint in OUTPUT_DIR
+            trainer.resume_or_load(resume=args.resume or not cfg.MODEL.WEIGHTS)
             return trainer.test()
         return trainer.train(resume=args.resume)
     finally:

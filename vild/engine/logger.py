@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -46,11 +47,14 @@ class MetricsWriter:
         """Record the scalars of one iteration."""
         if not self.enabled:
             return
+        # NaN (e.g. AP of a size with no objects) is not JSON: null, as in the evaluators' metrics.json
+        scalars = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in scalars.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps({"iteration": iteration, **scalars}) + "\n")
+            f.write(json.dumps({"iteration": iteration, **scalars}, allow_nan=False) + "\n")
         if self.tb is not None:
             for k, v in scalars.items():
-                self.tb.add_scalar(k, v, iteration)
+                if v is not None:
+                    self.tb.add_scalar(k, v, iteration)
 
     def close(self) -> None:
         """Flush TensorBoard."""

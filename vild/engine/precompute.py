@@ -101,7 +101,8 @@ def precompute_clip_proposals(cfg: CfgNode, teacher, out_dir: str | Path, model:
     shard_index = comm.get_rank() if shard_index is None else shard_index
     num_shards = comm.get_world_size() if num_shards is None else num_shards
     # the raw images, untransformed: boxes are stored in original pixels and augmented at training time
-    dataset = build_dataset(cfg, cfg.DATASETS.TRAIN[0], train=False, filter_empty=False)
+    # an unreadable image is left out (and stays pending): a stand-in could belong to another shard
+    dataset = build_dataset(cfg, cfg.DATASETS.TRAIN[0], train=False, filter_empty=False, unreadable="skip")
     writer = ProposalStoreWriter(out_dir, shard_index, num_shards, dataset.image_ids, m, teacher.embed_dim,
                                  teacher=teacher.identity, crop_scales=list(teacher.crop_scales))
     pending = set(writer.pending())
@@ -111,14 +112,14 @@ def precompute_clip_proposals(cfg: CfgNode, teacher, out_dir: str | Path, model:
     workers = cfg.DATALOADER.NUM_WORKERS if num_workers is None else num_workers
     device = next(model.parameters()).device if model is not None else torch.device(teacher.device)
     loader = DataLoader(Subset(dataset, todo), batch_size=batch_size, num_workers=workers,
-                        collate_fn=trivial_collate, pin_memory=device.type == "cuda")
+                        collate_fn=collate_readable, pin_memory=device.type == "cuda")
 
     def boxes_fn(ids: list, images: list[torch.Tensor]) -> list[torch.Tensor]:
         if model is not None:
             return [_valid_boxes(b.float().cpu())[:m] for b, _ in model.propose([im.to(device) for im in images])]
         return [_valid_boxes(proposals.get(i, torch.zeros(0, 4)))[:m] for i in ids]
 
-    batches = (([t["image_id"] for t in targets], images) for images, targets in loader)
+    batches = (([t["image_id"] for t in targets], images) for images, targets in loader if images)
     bar = tqdm(total=len(todo), desc=f"CLIP proposals (shard {shard_index})", unit="img",
                disable=not comm.is_main_process())
     try:
@@ -126,8 +127,16 @@ def precompute_clip_proposals(cfg: CfgNode, teacher, out_dir: str | Path, model:
     finally:
         bar.close()
         writer.close()
-    unread = getattr(dataset, "num_unreadable", 0)
+    unread = len(todo) - written  # counted here: workers' own dataset copies count theirs apart
+    if unread:
+        logger.warning("shard %d: %d image(s) could not be read and stay pending; repair them and run again "
+                       "(images without an entry train without distillation)", shard_index, unread)
     return {"written": written, "pending_before": len(todo), "shard": shard_index, "unreadable": unread}
+
+
+def collate_readable(batch: list) -> tuple[list, list]:
+    """``trivial_collate`` without the images the dataset could not read (``None``)."""
+    return trivial_collate([b for b in batch if b is not None])
 
 
 def load_proposal_model(weights: str, device: torch.device) -> ViLD:
@@ -136,7 +145,7 @@ def load_proposal_model(weights: str, device: torch.device) -> ViLD:
     from ..modeling import build_model
     from .checkpoint import load_checkpoint
     ckpt = load_checkpoint(weights, map_location="cpu")
-    model = build_model(cfg_from_dict(ckpt["cfg"]))
+    model = build_model(cfg_from_dict(ckpt["cfg"]), load_pretrained=False)  # the ImageNet file need not be here
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
 

@@ -78,8 +78,8 @@ def unwrap(model: torch.nn.Module) -> ViLD:
 
 
 def save_training_checkpoint(path: Path, cfg: CfgNode, model, optimizer, iteration: int, teacher_identity: dict,
-                             vocabulary: list, scaler=None) -> None:
-    """Write a self-describing, resumable checkpoint (rank 0 only)."""
+                             vocabulary: list, scaler=None, rng: list[dict] | None = None) -> None:
+    """Write a self-describing, resumable checkpoint (rank 0 only); ``rng``: every rank's RNG state, by rank."""
     state = {
         "format_version": FORMAT_VERSION,
         "model": unwrap(model).state_dict(),
@@ -88,7 +88,7 @@ def save_training_checkpoint(path: Path, cfg: CfgNode, model, optimizer, iterati
         "vocabulary": vocabulary,
         "iteration": iteration,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "rng": rng_state(),
+        "rng": rng if rng is not None else [rng_state()],
     }
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
@@ -155,7 +155,8 @@ class Trainer:
         path = last_checkpoint(self.output_dir) if resume else None
         self._resume_state = None
         if path is not None:
-            ckpt = load_checkpoint(path, map_location=self.device)
+            # on the CPU: the RNG states must stay CPU tensors; weights and optimizer state move to the device
+            ckpt = load_checkpoint(path, map_location="cpu")
             unwrap(self.model).load_state_dict(ckpt["model"])
             self._resume_state = ckpt
             self.logger.info("resuming from %s at iteration %d", path, ckpt["iteration"])
@@ -163,17 +164,33 @@ class Trainer:
         if resume:
             self.logger.info("--resume: no checkpoint in %s, starting from scratch", self.output_dir)
         if self.cfg.MODEL.WEIGHTS:
-            ckpt = load_checkpoint(self.cfg.MODEL.WEIGHTS, map_location=self.device)
+            ckpt = load_checkpoint(self.cfg.MODEL.WEIGHTS, map_location="cpu")
             unwrap(self.model).load_state_dict(ckpt["model"])
             self.logger.info("loaded weights from %s", self.cfg.MODEL.WEIGHTS)
         return 0
 
+    def _restore_rng(self, saved: list | dict, start_iter: int) -> None:
+        """Give each rank its own saved RNG state back; a different world size gets fresh per-rank seeds."""
+        states = saved if isinstance(saved, list) else [saved]  # format 1 saved rank 0's state only
+        if len(states) == self.world_size:
+            set_rng_state(states[self.rank])
+        else:
+            self.logger.info("checkpoint holds RNG states of %d rank(s), this run has %d: reseeding each rank",
+                             len(states), self.world_size)
+            seed_everything(self.cfg.SEED + self.rank + start_iter)
+
     def _wrap_ddp(self) -> None:
         if self.world_size == 1:
             return
-        cfg = self.cfg
-        if "SyncBN" in (cfg.MODEL.BACKBONE.NORM, cfg.MODEL.ROI_BOX_HEAD.NORM):
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        cfg, model = self.cfg, unwrap(self.model)
+        for part, norm in ((model.backbone, cfg.MODEL.BACKBONE.NORM), (model.roi_heads, cfg.MODEL.ROI_BOX_HEAD.NORM)):
+            if norm != "SyncBN":
+                continue  # a part configured as BN keeps per-process statistics
+            if self.device.type != "cuda":
+                self.logger.warning("SyncBN runs on CUDA only: on %s each process keeps its own BatchNorm "
+                                    "statistics", self.device.type)
+                continue
+            torch.nn.SyncBatchNorm.convert_sync_batchnorm(part)  # converts the part's layers in place
         ids = [self.device.index] if self.device.type == "cuda" else None
         self.model = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
 
@@ -193,7 +210,7 @@ class Trainer:
                 optimizer.load_state_dict(self._resume_state["optimizer"])
             if scaler is not None and "scaler" in self._resume_state:
                 scaler.load_state_dict(self._resume_state["scaler"])
-            set_rng_state(self._resume_state["rng"])
+            self._restore_rng(self._resume_state["rng"], start_iter)
         loader = build_train_loader(cfg, dataset, start_iter=start_iter)
         writer = MetricsWriter(self.output_dir, enabled=comm.is_main_process())
         max_iter = cfg.SOLVER.MAX_ITER
@@ -229,7 +246,7 @@ class Trainer:
                 scaler.update()
             else:
                 optimizer.step()
-            if (it + 1) % cfg.SOLVER.LOG_PERIOD == 0 or it + 1 == max_iter:
+            if _every(cfg.SOLVER.LOG_PERIOD, it) or it + 1 == max_iter:
                 scalars = {k: v.item() for k, v in losses.items()}
                 scalars.update(total_loss=total.item(), lr=optimizer.param_groups[0]["lr"])
                 spi, left = eta(it)
@@ -239,9 +256,9 @@ class Trainer:
                          scalars["total_loss"], "  ".join(f"{k} {scalars[k]:.3f}" for k in losses), scalars["lr"],
                          spi, left)
             last = it + 1 == max_iter
-            if (it + 1) % cfg.SOLVER.CHECKPOINT_PERIOD == 0 or last:
+            if _every(cfg.SOLVER.CHECKPOINT_PERIOD, it) or last:
                 self._checkpoint(it + 1, optimizer, scaler, final=last)
-            if cfg.TEST.EVAL_PERIOD > 0 and (it + 1) % cfg.TEST.EVAL_PERIOD == 0 and not last:
+            if _every(cfg.TEST.EVAL_PERIOD, it) and not last:
                 writer.write(it + 1, _flatten(self.test()))
                 self.set_vocabulary(self.vocabulary, [True] * len(self.vocabulary))
                 self.model.train()
@@ -254,10 +271,11 @@ class Trainer:
         return results
 
     def _checkpoint(self, iteration: int, optimizer, scaler, final: bool) -> None:
+        rngs = comm.gather_object(rng_state())  # each rank resumes its own random stream
         if comm.is_main_process():
             name = "model_final.pth" if final else f"model_{iteration:07d}.pth"
             save_training_checkpoint(self.output_dir / name, self.cfg, self.model, optimizer, iteration,
-                                     self.teacher.identity, self.vocabulary, scaler)
+                                     self.teacher.identity, self.vocabulary, scaler, rngs)
             self.logger.info("saved %s", self.output_dir / name)
             self._plot_curves()
         comm.synchronize()
@@ -303,6 +321,11 @@ class Trainer:
                     self.logger.info("%s: %s", name, {k: (round(v, 2) if isinstance(v, float) else v)
                                                       for k, v in _flatten(m).items()})
         return {name: results[name] for name in self.cfg.DATASETS.TEST}
+
+
+def _every(period: int, it: int) -> bool:
+    """Whether iteration ``it`` (0-based) ends a period; a period of 0 means never."""
+    return period > 0 and (it + 1) % period == 0
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

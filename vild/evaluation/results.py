@@ -75,7 +75,8 @@ class ResultsEvaluator:
 
     def evaluate(self) -> dict:
         """Gather from all ranks, run the official evaluator on rank 0, write files; metrics on every rank."""
-        gathered = comm.all_gather_object((self._image_ids, self._results, self._has_masks))
+        # to rank 0 only: LVIS results (300 boxes and RLE masks per image) would be copied to every rank
+        gathered = comm.gather_object((self._image_ids, self._results, self._has_masks))
         metrics: dict = {}
         if comm.is_main_process():
             image_ids = sorted({i for ids, _, _ in gathered for i in ids})

@@ -44,9 +44,17 @@ class TinyCNN(nn.Sequential):
         self.channels = [w, 2 * w, 4 * w, 8 * w]
 
 
-def build_backbone(cfg) -> BackboneWithFPN:
-    """Build the FPN backbone the config names; output levels P2..P6 ('0'..'3', 'pool')."""
+def build_backbone(cfg, load_pretrained: bool = True) -> BackboneWithFPN:
+    """Build the FPN backbone the config names; output levels P2..P6 ('0'..'3', 'pool').
+
+    ``load_pretrained=False`` builds the same structure (frozen stages included) without reading
+    MODEL.BACKBONE.PRETRAINED, for a model whose trained weights are loaded next.
+    """
     bcfg = cfg.MODEL.BACKBONE
+    if bcfg.NORM == "FrozenBN" and not bcfg.PRETRAINED and load_pretrained:
+        raise ValueError("MODEL.BACKBONE.NORM FrozenBN keeps BatchNorm at its identity init, which only makes sense "
+                         "over pretrained weights: set MODEL.BACKBONE.PRETRAINED to a ResNet state-dict file, or use "
+                         "NORM SyncBN (the paper's from-scratch setting) or BN")
     norm = norm_layer_for(bcfg.NORM)
     returned = list(bcfg.RETURNED_LAYERS)
     if bcfg.NAME == "tiny":
@@ -57,10 +65,32 @@ def build_backbone(cfg) -> BackboneWithFPN:
     if bcfg.NAME not in _RESNETS:
         raise ValueError(f"unknown backbone {bcfg.NAME!r}: use one of {', '.join(_RESNETS)} or 'tiny'")
     net = getattr(resnet, bcfg.NAME)(weights=None, norm_layer=norm)
-    if bcfg.PRETRAINED:
+    if bcfg.PRETRAINED and load_pretrained:
         load_resnet_weights(net, bcfg.PRETRAINED)
     trainable = bcfg.TRAINABLE_LAYERS if bcfg.PRETRAINED else 5  # a random init must train every stage
-    return _resnet_fpn_extractor(net, trainable, returned, LastLevelMaxPool())
+    backbone = _resnet_fpn_extractor(net, trainable, returned, LastLevelMaxPool())
+    freeze_batchnorm(backbone.body)
+    return backbone
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Turn BatchNorm layers whose parameters are frozen into FrozenBatchNorm2d with the same statistics.
+
+    A frozen stage must not move either: a BatchNorm in train mode would still update its running
+    statistics (detectron2 converts frozen stages the same way).
+    """
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and child.affine \
+                and not any(p.requires_grad for p in child.parameters()):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            with torch.no_grad():
+                frozen.weight.copy_(child.weight)
+                frozen.bias.copy_(child.bias)
+                frozen.running_mean.copy_(child.running_mean)
+                frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm(child)
 
 
 def load_resnet_weights(net: nn.Module, path: str) -> None:

@@ -45,11 +45,12 @@ class TextClassifier(nn.Module):
         """Return logits [R, 1 + K] (background first) or [R, K]."""
         if self.num_classes == 0:
             raise RuntimeError("no vocabulary set: call set_vocabulary(text_embeddings) first")
-        weights = self.text_embeddings.to(region_embeddings.dtype)
-        if with_background:
-            bg = F.normalize(self.background, dim=0).to(region_embeddings.dtype)
-            weights = torch.cat([bg[None], weights], dim=0)
-        return region_embeddings @ weights.t() / self.temperature
+        # fp32 even under autocast: ×100 logits in bf16 come in steps of 0.25, enough to reorder near-tied classes
+        with torch.autocast(region_embeddings.device.type, enabled=False):
+            weights = self.text_embeddings
+            if with_background:
+                weights = torch.cat([F.normalize(self.background.float(), dim=0)[None], weights], dim=0)
+            return region_embeddings.float() @ weights.t() / self.temperature
 
 
 def ensemble_scores(p_text: torch.Tensor, p_image: torch.Tensor, base_mask: torch.Tensor, lam: float) -> torch.Tensor:

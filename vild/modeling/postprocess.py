@@ -10,30 +10,40 @@ def select_detections(boxes: torch.Tensor, scores: torch.Tensor, score_thresh: f
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-class NMS over [R, 4] class-agnostic boxes and [R, K] scores; returns boxes, scores, labels, box rows.
 
-    Only the ``topk_candidates`` best (box, class) pairs enter NMS (0 = all): with 1203 classes and
-    score threshold 0 there are over a million candidates, and per-class NMS over all of them is
-    what makes a naive post-process slow.
+    The result equals per-class NMS over every (box, class) pair over the threshold, keeping the best
+    ``max_dets``; but with 1203 classes and score threshold 0 that is over a million candidates, so
+    only the ``topk_candidates`` best pairs enter NMS first (0 = all at once). That is exact as soon as
+    ``max_dets`` of them survive: whether a pair survives depends only on the better pairs of its class,
+    all of which are in, and any pair left out scores below every survivor. When fewer survive (peaky
+    scores: many candidates are near-copies of one class's box), the top-k grows 4× and NMS runs again.
 
     On the top-k path the score threshold is applied after NMS, on the (sorted) survivors: a candidate
     under the threshold scores lower than every candidate over it, so it can only suppress candidates
     that are under the threshold too, and the result equals thresholding first. That leaves one
-    data-dependent size (NMS's own) and so one device-to-host sync per image.
+    data-dependent size (NMS's own) and so one device-to-host sync per image and round.
     """
     num_classes = scores.shape[1]
-    flat = scores.reshape(-1)
-    if topk_candidates > 0 and flat.numel() > topk_candidates:
-        cand_scores, idx = flat.topk(topk_candidates)  # sorted, one kernel, no sync
-    else:
-        idx = (flat > score_thresh).nonzero().squeeze(1)
-        cand_scores = flat[idx]
-    box_idx = torch.div(idx, num_classes, rounding_mode="floor")
-    labels = idx % num_classes
-    cand_boxes = boxes[box_idx]
-    keep = batched_nms(cand_boxes.float(), cand_scores.float(), labels, nms_thresh)[:max_dets]
-    if topk_candidates > 0 and flat.numel() > topk_candidates:
-        # NMS returns survivors by decreasing score, so the ones over the threshold are a prefix
-        keep = keep[cand_scores[keep] > score_thresh]
-    return cand_boxes[keep], cand_scores[keep], labels[keep], box_idx[keep]
+    # boxes left without area by clipping carry no detection (torchvision drops them too)
+    empty = (boxes[:, 2] - boxes[:, 0] <= 1e-2) | (boxes[:, 3] - boxes[:, 1] <= 1e-2)
+    flat = scores.masked_fill(empty[:, None], float("-inf")).reshape(-1)
+    k = topk_candidates if topk_candidates > 0 else flat.numel()
+    while True:
+        partial = k < flat.numel()
+        if partial:
+            cand_scores, idx = flat.topk(k)  # sorted, one kernel, no sync
+        else:
+            idx = (flat > score_thresh).nonzero().squeeze(1)
+            cand_scores = flat[idx]
+        box_idx = torch.div(idx, num_classes, rounding_mode="floor")
+        labels = idx % num_classes
+        cand_boxes = boxes[box_idx]
+        keep = batched_nms(cand_boxes.float(), cand_scores.float(), labels, nms_thresh)[:max_dets]
+        if partial:
+            # NMS returns survivors by decreasing score, so the ones over the threshold are a prefix
+            keep = keep[cand_scores[keep] > score_thresh]
+        if not partial or len(keep) >= max_dets or not bool(cand_scores[-1] > score_thresh):
+            return cand_boxes[keep], cand_scores[keep], labels[keep], box_idx[keep]
+        k *= 4
 
 
 def _paste_weights_t(lo: torch.Tensor, hi: torch.Tensor, size: int, length: int) -> torch.Tensor:

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.roi_heads import maskrcnn_loss
-from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import boxes as box_ops
 
 from .box_head import ViLDBoxHead
 from .classifier import TextClassifier, ensemble_scores
@@ -125,7 +126,10 @@ class ViLDRoIHeads(nn.Module):
         pos = [lab > 0 for lab in labels]
         pos_rois = [r[p] for r, p in zip(rois, pos)]
         if sum(len(r) for r in pos_rois) == 0:
-            return sum(p.sum() for p in self.mask_predictor.parameters()) * 0.0
+            # every mask parameter must still be in the graph: DDP (find_unused_parameters=False) expects
+            # a gradient from each one, and a crop with no object in it is common under large-scale jitter
+            params = [*self.mask_head.parameters(), *self.mask_predictor.parameters()]
+            return sum(p.sum() for p in params) * 0.0
         logits = self.mask_predictor(run_conv_stack(self.mask_head, self.mask_pooler(features, pos_rois, image_sizes)))
         gt_masks = [t["masks"] for t in targets]
         agnostic = [torch.zeros(len(t["labels"]), dtype=torch.long, device=logits.device) for t in targets]

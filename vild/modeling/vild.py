@@ -72,10 +72,10 @@ class ViLD(nn.Module):
         return out
 
 
-def build_model(cfg) -> ViLD:
-    """Build ViLD from a config (see ``vild/config.py`` for every key)."""
+def build_model(cfg, load_pretrained: bool = True) -> ViLD:
+    """Build ViLD from a config (see ``vild/config.py``); ``load_pretrained=False``: weights come from a checkpoint."""
     m = cfg.MODEL
-    backbone = build_backbone(cfg)
+    backbone = build_backbone(cfg, load_pretrained)
     channels = backbone.out_channels
     anchors = AnchorGenerator(tuple(tuple(s) for s in m.ANCHOR.SIZES),
                               (tuple(m.ANCHOR.ASPECT_RATIOS),) * len(m.ANCHOR.SIZES))

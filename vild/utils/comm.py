@@ -46,6 +46,15 @@ def all_gather_object(obj: Any) -> list:
     return out
 
 
+def gather_object(obj: Any, dst: int = 0) -> list | None:
+    """Gather a picklable object from every rank on rank ``dst`` (others get None); ``[obj]`` in one process."""
+    if get_world_size() == 1:
+        return [obj]
+    out: list | None = [None] * get_world_size() if get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Return rank ``src``'s object on every rank."""
     if get_world_size() == 1:
