@@ -279,3 +279,18 @@ def test_prepare_coco_ovd_train_file_has_base_annotations_only(coco_ovd_world):
     assert any(c["split"] == "novel" and a["category_id"] == c["id"]
                for a in val["annotations"] for c in val["categories"])
     assert not {c["name"] for c in train["categories"]} & DROPPED
+
+
+def test_lsj_pads_with_the_mean_pixel_and_masks_with_zero(world):
+    """Padding must normalise to 0, like the model's own batch padding; black would become about -2."""
+    cfg = _cfg(AUG="lsj", IMAGE_SIZE=256, LSJ_SCALE=[0.3, 0.3], RANDOM_FLIP=False)
+    ds = DetectionDataset(world["lvis_train"], world["images_train"], "lvis", "lvis", train=True,
+                          transforms=build_transforms(cfg, True))
+    torch.manual_seed(0)
+    image, t = ds[0]
+    assert image.shape == (3, 256, 256) and t["masks"].shape[-2:] == (256, 256) and len(t["masks"])
+    mean = torch.tensor([round(m) for m in cfg.MODEL.PIXEL_MEAN], dtype=torch.uint8)
+    pad = (image == mean[:, None, None]).all(0)
+    assert pad.float().mean() > 0.8  # the image covers 0.3² of the canvas
+    assert not (image == 0).all(0).any()
+    assert not (t["masks"].bool() & pad).any()

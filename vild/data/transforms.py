@@ -78,7 +78,10 @@ def build_transforms(cfg: Any, train: bool) -> DetectionTransform | None:
         lo, hi = cfg.INPUT.LSJ_SCALE
         ops += [
             v2.ScaleJitter((size, size), scale_range=(float(lo), float(hi)), antialias=True),
-            v2.RandomCrop((size, size), pad_if_needed=True, fill=0),
+            # pad with the mean pixel, which normalises to 0 like the model's batch padding (as in the
+            # TF release); black would normalise to about -2. Masks pad with 0.
+            v2.RandomCrop((size, size), pad_if_needed=True,
+                          fill={tv_tensors.Image: [round(m) for m in cfg.MODEL.PIXEL_MEAN], "others": 0}),
         ]
     elif aug == "resize":
         ops.append(v2.Resize(size=None, max_size=size, antialias=True))
