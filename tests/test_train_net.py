@@ -73,6 +73,15 @@ def test_train_eval_and_outputs(world, teacher_file):
     assert latest["synth_val"]["bbox"]["AP"] == pytest.approx(metrics["bbox"]["AP"], nan_ok=True)
     with pytest.raises(SystemExit, match="nothing to evaluate"):
         train_main(["--config", "tiny_test.yaml", "--eval-only", *world_opts(world, teacher_file / "empty")])
+    # weights distilled from one CLIP are not evaluated against another's text embeddings
+    from vild.teacher import CLIPTeacher
+    torch.manual_seed(1)
+    other = teacher_file / "other_teacher.pt"
+    CLIPTeacher("vild-test-micro", "", templates="simple").save_weights(other)
+    with pytest.raises(ValueError, match="trained with teacher.*TEACHER.PRETRAINED"):
+        train_main(["--config", "tiny_test.yaml", "--eval-only", *world_opts(
+            world, teacher_file / "eval2", **{"MODEL.WEIGHTS": str(out / "model_final.pth"),
+                                              "TEACHER.PRETRAINED": str(other)})])
 
 
 def _no_nan(name):

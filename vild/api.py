@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .config import CfgNode, cfg_from_dict
-from .engine.checkpoint import load_checkpoint
+from .engine.checkpoint import check_teacher, load_checkpoint
 from .engine.distributed import resolve_device
 from .io import to_image_tensor
 from .teacher import CLIPTeacher, clean_name, parse_vocabulary
@@ -133,7 +133,8 @@ class Detector:
         cfg = cfg_from_dict(ckpt["cfg"])
         cfg.TEACHER.PRETRAINED = _resolve_teacher_weights(cfg.TEACHER.PRETRAINED, Path(path).expanduser().parent)
         teacher = CLIPTeacher.from_config(cfg, dev)
-        _check_teacher(ckpt.get("teacher") or {}, teacher, path)
+        check_teacher(ckpt.get("teacher") or {}, teacher.identity, path,
+                      "put the original teacher weights file beside the checkpoint")
         from .modeling import build_model
         model = build_model(cfg, load_pretrained=False)  # the checkpoint has every weight
         try:
@@ -241,13 +242,3 @@ def _resolve_teacher_weights(pretrained: str, checkpoint_dir: Path) -> str:
         if cand.is_file():
             return str(cand)
     return pretrained  # an open_clip tag, or missing: CLIPTeacher says which
-
-
-def _check_teacher(trained_with: dict, teacher: CLIPTeacher, path: Union[str, os.PathLike]) -> None:
-    want, have = trained_with.get("sha256"), teacher.identity.get("sha256")
-    if want and have and want != have:
-        raise ValueError(
-            f"checkpoint {path} was trained with teacher {trained_with.get('model')} weights "
-            f"{trained_with.get('pretrained') or '(random init)'} (sha256 {want[:12]}…), but TEACHER.PRETRAINED "
-            f"now gives {teacher.identity['pretrained'] or '(random init)'} (sha256 {have[:12]}…): its text "
-            f"embeddings would not match the detector; put the original teacher weights file beside the checkpoint")

@@ -11,8 +11,8 @@ import torch
 
 from ..utils.atomic import atomic_save
 
-__all__ = ["FORMAT_VERSION", "atomic_save", "export_checkpoint", "last_checkpoint", "load_checkpoint", "rng_state",
-           "set_rng_state"]
+__all__ = ["FORMAT_VERSION", "atomic_save", "check_teacher", "export_checkpoint", "last_checkpoint", "load_checkpoint",
+           "rng_state", "set_rng_state"]
 
 FORMAT_VERSION = 2  # 2: "rng" holds every rank's state, by rank (1: rank 0's only)
 
@@ -50,6 +50,17 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool
     dst.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(out, dst)
     return dst
+
+
+def check_teacher(trained_with: dict, identity: dict, path: str | os.PathLike, fix: str) -> None:
+    """Refuse a checkpoint trained with other CLIP weights than ``identity``'s: its embeddings would not match."""
+    want, have = trained_with.get("sha256"), identity.get("sha256")
+    if want and have and want != have:
+        raise ValueError(
+            f"checkpoint {path} was trained with teacher {trained_with.get('model')} weights "
+            f"{trained_with.get('pretrained') or '(random init)'} (sha256 {want[:12]}…), but TEACHER.PRETRAINED "
+            f"now gives {identity.get('pretrained') or '(random init)'} (sha256 {have[:12]}…): its text "
+            f"embeddings would not match the detector; {fix}")
 
 
 def rng_state() -> dict:

@@ -9,6 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from ..utils import comm
+
 
 def setup_logger(output_dir: str | Path | None, rank: int = 0, name: str = "vild") -> logging.Logger:
     """Console logging on rank 0 (warnings elsewhere), plus a ``log.txt`` file in ``output_dir``."""
@@ -62,16 +66,50 @@ class MetricsWriter:
             self.tb.close()
 
 
+class LossWindow:
+    """Losses summed on the device since the last read: no host sync per iteration, one per log line."""
+
+    def __init__(self):
+        self._sum: torch.Tensor | None = None
+        self._names: list[str] = []
+        self._n = 0
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        """Add one iteration's (scalar) losses; ``total_loss`` is their sum."""
+        vec = torch.stack([v.detach().float() for v in losses.values()])
+        vec = torch.cat([vec, vec.sum()[None]])
+        self._names = [*losses, "total_loss"]
+        self._sum = vec if self._sum is None else self._sum + vec
+        self._n += 1
+
+    def mean(self, reset: bool = True) -> dict[str, float]:
+        """Each loss averaged over the window and over all ranks (a collective: every rank must call it)."""
+        if self._sum is None:
+            return {}
+        avg = comm.all_reduce_mean(self._sum / self._n).tolist()
+        if reset:
+            self._sum, self._n = None, 0
+        return dict(zip(self._names, avg))
+
+
 class ETA:
-    """Smoothed seconds-per-iteration and time left."""
+    """Seconds per iteration, smoothed over logging windows that exclude checkpoint and evaluation time."""
 
     def __init__(self, start_iter: int, max_iter: int):
-        self.start_iter, self.max_iter = start_iter, max_iter
-        self.t0 = time.perf_counter()
+        self.max_iter = max_iter
+        self.spi: float | None = None
+        self.restart(start_iter)
+
+    def restart(self, iteration: int) -> None:
+        """Start timing afresh at ``iteration`` (after work that is not training: checkpoints, evaluation)."""
+        self._it0, self._t0 = iteration, time.perf_counter()
 
     def __call__(self, iteration: int) -> tuple[float, str]:
         """Return (seconds per iteration, ETA string) after ``iteration`` finished."""
-        done = max(iteration + 1 - self.start_iter, 1)
-        spi = (time.perf_counter() - self.t0) / done
-        left = spi * max(self.max_iter - iteration - 1, 0)
-        return spi, str(datetime.timedelta(seconds=int(left)))
+        done = iteration + 1 - self._it0
+        if done > 0:
+            spi = (time.perf_counter() - self._t0) / done
+            self.spi = spi if self.spi is None else 0.7 * self.spi + 0.3 * spi
+        self.restart(iteration + 1)
+        spi = self.spi or 0.0
+        return spi, str(datetime.timedelta(seconds=int(spi * max(self.max_iter - iteration - 1, 0))))

@@ -14,10 +14,11 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import CfgNode
 from ..modeling import ViLD, build_model
 from ..utils import comm
-from .checkpoint import FORMAT_VERSION, atomic_save, last_checkpoint, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import (FORMAT_VERSION, atomic_save, check_teacher, last_checkpoint, load_checkpoint, rng_state,
+                         set_rng_state)
 from .curves import plot_training_curves
 from .distributed import init_distributed, resolve_device
-from .logger import ETA, MetricsWriter, setup_logger
+from .logger import ETA, LossWindow, MetricsWriter, setup_logger
 
 
 def seed_everything(seed: int) -> None:
@@ -157,6 +158,7 @@ class Trainer:
         if path is not None:
             # on the CPU: the RNG states must stay CPU tensors; weights and optimizer state move to the device
             ckpt = load_checkpoint(path, map_location="cpu")
+            check_teacher(ckpt.get("teacher") or {}, self.teacher.identity, path, self._teacher_fix)
             unwrap(self.model).load_state_dict(ckpt["model"])
             self._resume_state = ckpt
             self.logger.info("resuming from %s at iteration %d", path, ckpt["iteration"])
@@ -165,9 +167,13 @@ class Trainer:
             self.logger.info("--resume: no checkpoint in %s, starting from scratch", self.output_dir)
         if self.cfg.MODEL.WEIGHTS:
             ckpt = load_checkpoint(self.cfg.MODEL.WEIGHTS, map_location="cpu")
+            check_teacher(ckpt.get("teacher") or {}, self.teacher.identity, self.cfg.MODEL.WEIGHTS,
+                          self._teacher_fix)
             unwrap(self.model).load_state_dict(ckpt["model"])
             self.logger.info("loaded weights from %s", self.cfg.MODEL.WEIGHTS)
         return 0
+
+    _teacher_fix = "point TEACHER.MODEL / TEACHER.PRETRAINED at the teacher it was trained with"
 
     def _restore_rng(self, saved: list | dict, start_iter: int) -> None:
         """Give each rank its own saved RNG state back; a different world size gets fresh per-rank seeds."""
@@ -219,6 +225,7 @@ class Trainer:
                  self.world_size, self.device)
         self.model.train()
         eta = ETA(start_iter, max_iter)
+        window = LossWindow()
         it = start_iter
         data_iter = iter(loader)
         for it in range(start_iter, max_iter):
@@ -228,11 +235,6 @@ class Trainer:
             with autocast_context(cfg, self.device):
                 losses = self.model([im.to(self.device, non_blocking=True) for im in images], targets)
             total = sum(losses.values())
-            if not torch.isfinite(total):
-                raise FloatingPointError(
-                    f"loss became non-finite at iteration {it}: "
-                    f"{ {k: v.item() for k, v in losses.items()} }; lower SOLVER.BASE_LR, set SOLVER.CLIP_GRADIENTS, "
-                    f"or lengthen SOLVER.WARMUP_ITERS")
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(total).backward()
@@ -246,22 +248,33 @@ class Trainer:
                 scaler.update()
             else:
                 optimizer.step()
-            if _every(cfg.SOLVER.LOG_PERIOD, it) or it + 1 == max_iter:
-                scalars = {k: v.item() for k, v in losses.items()}
-                scalars.update(total_loss=total.item(), lr=optimizer.param_groups[0]["lr"])
+            window.add(losses)
+            last = it + 1 == max_iter
+            log_now = _every(cfg.SOLVER.LOG_PERIOD, it) or last
+            save_now = _every(cfg.SOLVER.CHECKPOINT_PERIOD, it) or last
+            if log_now or save_now:
+                # the one host sync of a logged step; every rank sees the same means, so a non-finite
+                # loss stops all of them together, and before a checkpoint could keep its weights
+                means = window.mean(reset=log_now)
+                if not all(math.isfinite(v) for v in means.values()):
+                    raise FloatingPointError(
+                        f"loss became non-finite by iteration {it + 1}: {means}; lower SOLVER.BASE_LR, "
+                        f"set SOLVER.CLIP_GRADIENTS, or lengthen SOLVER.WARMUP_ITERS")
+            if log_now:
                 spi, left = eta(it)
-                scalars["sec_per_iter"] = spi
+                scalars = {**means, "lr": optimizer.param_groups[0]["lr"], "sec_per_iter": spi}
                 writer.write(it + 1, scalars)
                 log.info("iter %d/%d  loss %.3f  (%s)  lr %.2e  %.2fs/it  eta %s", it + 1, max_iter,
                          scalars["total_loss"], "  ".join(f"{k} {scalars[k]:.3f}" for k in losses), scalars["lr"],
                          spi, left)
-            last = it + 1 == max_iter
-            if _every(cfg.SOLVER.CHECKPOINT_PERIOD, it) or last:
+            if save_now:
                 self._checkpoint(it + 1, optimizer, scaler, final=last)
             if _every(cfg.TEST.EVAL_PERIOD, it) and not last:
                 writer.write(it + 1, _flatten(self.test()))
                 self.set_vocabulary(self.vocabulary, [True] * len(self.vocabulary))
                 self.model.train()
+            if save_now or _every(cfg.TEST.EVAL_PERIOD, it):
+                eta.restart(it + 1)
         writer.close()
         results = self.test() if cfg.DATASETS.TEST else {}
         if results:

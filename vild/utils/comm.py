@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 
@@ -53,6 +54,15 @@ def gather_object(obj: Any, dst: int = 0) -> list | None:
     out: list | None = [None] * get_world_size() if get_rank() == dst else None
     dist.gather_object(obj, out, dst=dst)
     return out
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of ``t`` over all ranks (a new tensor); ``t`` itself in one process."""
+    if get_world_size() == 1:
+        return t
+    out = t.clone()
+    dist.all_reduce(out)
+    return out / get_world_size()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
