@@ -15,7 +15,6 @@ from vild.engine.curves import PANEL_H, panels, read_metrics
 from vild.engine.launch import main as train_main
 from vild.engine.precompute import main as precompute_main
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def world_opts(world, out_dir, variant="text", max_iter=4, **extra):
@@ -138,12 +137,14 @@ def test_precompute_leaves_an_unreadable_image_pending_in_its_own_shard(world, t
 
 
 def test_torchrun_two_processes_on_cpu(world, teacher_file):
-    """``--num-gpus 2`` re-launches the script under ``torchrun --standalone``: DDP over gloo on the CPU."""
+    """``--num-gpus 2`` re-launches training under ``torchrun --standalone``: DDP over gloo on the CPU. Started
+    as ``main(argv)`` from Python, whose own command line says nothing of training."""
     out = teacher_file / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(ROOT / "tools" / "train_net.py"), "--num-gpus", "2", "--config", "tiny_test.yaml",
-           *world_opts(world, out, max_iter=3, **{"SOLVER.CHECKPOINT_PERIOD": 100, "SOLVER.IMS_PER_BATCH": 4,
-                                                   "MODEL.BACKBONE.NORM": "SyncBN"})]  # CUDA-only: plain BN here
+    argv = ["--num-gpus", "2", "--config", "tiny_test.yaml",
+            *world_opts(world, out, max_iter=3, **{"SOLVER.CHECKPOINT_PERIOD": 100, "SOLVER.IMS_PER_BATCH": 4,
+                                                    "MODEL.BACKBONE.NORM": "SyncBN"})]  # CUDA-only: plain BN here
+    cmd = [sys.executable, "-c", f"from vild.engine.launch import main; main({argv!r})", "--unrelated-flag"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and "SyncBN runs on CUDA only" in proc.stdout + proc.stderr

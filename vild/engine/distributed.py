@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -46,11 +47,18 @@ def init_distributed(device: torch.device) -> None:
     dist.init_process_group(backend, timeout=timedelta(minutes=30))
 
 
-def relaunch_with_torchrun(num_procs: int) -> None:
-    """Re-execute this script under ``torchrun --standalone`` with ``num_procs`` local processes."""
-    args = [a for i, a in enumerate(sys.argv) if not _is_num_gpus_arg(sys.argv, i)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_procs}", *args]
-    os.execv(sys.executable, cmd)
+def relaunch_with_torchrun(num_procs: int, args: list[str]) -> None:
+    """Replace this process by ``torchrun --standalone`` running training with ``args`` in ``num_procs`` processes.
+
+    The children run ``vild.engine.launch`` as a module, so this works however training was started:
+    ``tools/train_net.py``, ``vild-train``, or ``main(argv)`` from Python.
+    """
+    args = [a for i, a in enumerate(args) if not _is_num_gpus_arg(args, i)]
+    root = str(Path(__file__).resolve().parents[2])  # a checkout's vild, importable without installing
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_procs}",
+           "-m", "vild.engine.launch", *args]
+    os.execve(sys.executable, cmd, env)
 
 
 def _is_num_gpus_arg(argv: list[str], i: int) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..config import CfgNode, load_config
 from .distributed import cleanup, launched_by_torchrun, relaunch_with_torchrun
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--eval-only: nothing to evaluate, as MODEL.WEIGHTS is empty and {cfg.OUTPUT_DIR} holds "
                              f"no checkpoint: pass MODEL.WEIGHTS path/to/model.pth")
     if args.num_gpus > 1 and not launched_by_torchrun():
-        relaunch_with_torchrun(args.num_gpus)
+        relaunch_with_torchrun(args.num_gpus, list(sys.argv[1:] if argv is None else argv))
     from .trainer import Trainer
     try:
         trainer = Trainer(cfg)
@@ -47,3 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         return trainer.train(resume=args.resume)
     finally:
         cleanup()
+
+
+if __name__ == "__main__":  # what --num-gpus relaunches under torchrun
+    main()

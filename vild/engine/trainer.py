@@ -14,8 +14,15 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import CfgNode
 from ..modeling import ViLD, build_model
 from ..utils import comm
-from .checkpoint import (FORMAT_VERSION, atomic_save, check_teacher, last_checkpoint, load_checkpoint, rng_state,
-                         set_rng_state)
+from .checkpoint import (
+    FORMAT_VERSION,
+    atomic_save,
+    check_teacher,
+    last_checkpoint,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from .curves import plot_training_curves
 from .distributed import init_distributed, resolve_device
 from .logger import ETA, LossWindow, MetricsWriter, setup_logger
