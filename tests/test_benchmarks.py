@@ -66,3 +66,20 @@ def test_benchmark_smoke_writes_wellformed_json(tmp_path):
     assert _finite(voc["set_vocabulary"]["seconds_median"])
 
     assert {t["figure"] for t in res["targets"]} >= {"inference", "training", "precompute"}
+
+
+def test_the_gpu_test_module_imports_here():
+    """tests/gpu is only collected where CUDA is; a broken import there would first show in a lent
+    GPU session, whose minutes are scarce. Importing it (not running it) catches that on the CPU."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    gpu_dir = Path(__file__).resolve().parent / "gpu"
+    spec = importlib.util.spec_from_file_location("gpu_test_cuda", gpu_dir / "test_cuda.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(gpu_dir.parent))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(gpu_dir.parent))
+    assert [n for n in dir(mod) if n.startswith("test_")]

@@ -5,8 +5,10 @@ and inference on the GPU agreeing with the CPU.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +16,13 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou
 
 from test_api import make_checkpoint, scene
-from test_train_net import ROOT, teacher_file, world_opts  # noqa: F401 (teacher_file is a fixture)
+from test_train_net import teacher_file, world_opts  # noqa: F401 (teacher_file is a fixture)
 from vild import Detector
 from vild.engine.checkpoint import load_checkpoint
 from vild.engine.launch import main as train_main
 from vild.teacher import CLIPTeacher
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -34,6 +38,13 @@ def test_training_on_cuda_with_amp(world, teacher_file, amp):
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "total_loss" in l]
     assert len(lines) == 6 and all(l["total_loss"] == l["total_loss"] for l in lines)
     assert "bbox" in results["synth_val"] and "segm" in results["synth_val"]
+    # --resume on the GPU: the checkpoint's RNG states must come back as CPU tensors
+    part = teacher_file / f"amp_{amp}_resumed"
+    part.mkdir()
+    shutil.copy(out / "model_0000003.pth", part / "model_0000003.pth")
+    train_main(["--config", "tiny_test.yaml", "--resume", *world_opts(world, part, max_iter=6, **{
+        "MODEL.DEVICE": "cuda", "SOLVER.AMP": amp, "SOLVER.CHECKPOINT_PERIOD": 3, "DATASETS.TEST": []})])
+    assert load_checkpoint(part / "model_final.pth")["iteration"] == 6
 
 
 def test_ddp_syncbn_two_ranks(world, teacher_file):
