@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """vild benchmarks: each figure against its baseline, measured interleaved in the same process, written as JSON.
 
-    python benchmarks/run.py                           # CPU at the reduced default size (320), ~8 min on 2 cores
+    python benchmarks/run.py                           # CPU at the reduced default size (320), ~4 min on 2 cores
     python benchmarks/run.py --device cuda --size 1024 # GPU: batch 1 and 8, fp32 and bf16
     python benchmarks/run.py --only inference,training --out /tmp/x.json
 
@@ -103,6 +103,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _code_version() -> str:
+    """``git describe`` of the checkout, '-dirty' when it has uncommitted changes ('' outside git)."""
+    import subprocess
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def summary(results: dict) -> list[dict]:
     """Every target in the file, as rows {figure, what, ratio, min_ratio, met}."""
     rows = []
@@ -135,6 +145,11 @@ def markdown(results: dict) -> str:
                      f"{row['vild']['images_per_s']:.3f} ({row['vild']['mean_detections']:.0f}) | "
                      f"{row['torchvision']['images_per_s']:.3f} ({row['torchvision']['mean_detections']:.0f}) | "
                      f"{row['ratio']:.2f}× | {tgt(row['target'])} |")
+    cl = figs.get("inference", {}).get("against_channels_last_torchvision")
+    if cl:
+        lines.append(f"| inference fp32 batch 1 vs torchvision made channels-last (img/s) | "
+                     f"{cl['vild']['images_per_s']:.3f} | {cl['torchvision_channels_last']['images_per_s']:.3f} | "
+                     f"{cl['ratio']:.2f}× | — |")
     fl = figs.get("inference", {}).get("flops")
     if fl:
         lines.append(f"| inference work per image (GFLOP, fp32) | {fl['gflop_per_image']['vild']:.0f} | "
@@ -210,6 +225,9 @@ def main(argv=None) -> dict:
         # other jobs on a shared machine show here (2 cores: a load over 2 means oversubscribed)
         fig["load_average_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
         fig["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        # a file merged from --only runs keeps each figure's own settings and code version
+        fig["run_args"] = {k: v for k, v in vars(args).items() if k not in ("worker", "worker_model")}
+        fig["code_version"] = _code_version()
         results["figures"][name] = fig
         results["targets"] = summary(results)
         results["wall_seconds"] = round(time.perf_counter() - t0, 1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,18 @@ COCO_NAME = {
     "ellipse": "chair", "semicircle": "stop sign", "hourglass": "tv", "bolt": "laptop",
 }
 DROPPED = {"traffic light", "stop sign"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_text_cache(tmp_path_factory):
+    """Detectors cache text embeddings in $VILD_CACHE (else ~/.cache/vild): keep the tests' out of $HOME."""
+    before = os.environ.get("VILD_CACHE")
+    os.environ["VILD_CACHE"] = str(tmp_path_factory.mktemp("vild_cache"))
+    yield os.environ["VILD_CACHE"]
+    if before is None:
+        os.environ.pop("VILD_CACHE", None)
+    else:
+        os.environ["VILD_CACHE"] = before
 
 
 @pytest.fixture(scope="session")

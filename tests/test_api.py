@@ -14,7 +14,7 @@ from pycocotools import mask as mask_util
 from vild import Detector
 from vild.config import load_config
 from vild.engine.trainer import save_training_checkpoint
-from vild.io import ImageReadError, read_image
+from vild.io import ImageReadError, read_image, to_image_tensor
 from vild.modeling import build_model
 from vild.teacher import CLIPTeacher
 from vild.teacher.clip_teacher import sha256_file
@@ -150,6 +150,54 @@ def test_relative_teacher_path_is_found_beside_the_checkpoint(tmp_path, monkeypa
     path = make_checkpoint(tmp_path / "run", relative_teacher=True)
     monkeypatch.chdir(tmp_path)  # "teacher.pt" does not exist relative to the cwd
     assert Detector.from_checkpoint(path, device="cpu").names == ["circle", "square", "triangle"]
+
+
+def test_the_teacher_file_matching_the_checkpoint_wins_over_one_in_the_cwd(tmp_path, monkeypatch):
+    path = make_checkpoint(tmp_path / "run", relative_teacher=True)
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(7)  # another teacher of the same name in the current folder
+    CLIPTeacher("vild-test-micro", "", templates="simple").save_weights(tmp_path / "teacher.pt")
+    det = Detector.from_checkpoint(path, device=torch.device("cpu"))  # a torch.device is accepted too
+    assert det.teacher.identity["sha256"] == sha256_file(tmp_path / "run" / "teacher.pt")
+
+
+def test_text_cache_goes_to_vild_cache_not_the_training_runs_folder(ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VILD_CACHE", str(tmp_path / "mine"))
+    det = Detector.from_checkpoint(ckpt, device="cpu")
+    assert det.teacher.cache_dir == tmp_path / "mine" and list((tmp_path / "mine").glob("text_*.pt"))
+    other = Detector.from_checkpoint(ckpt, device="cpu", cache_dir=tmp_path / "given")
+    assert other.teacher.cache_dir == tmp_path / "given"
+    assert not (tmp_path / "output").exists()
+
+
+def test_results_are_ordinary_tensors_and_inputs_are_checked(det):
+    r = det(scene())
+    r.boxes /= 2  # inference-mode tensors would refuse this
+    with pytest.raises(ValueError, match="one source"):
+        det.predict([to_image_tensor(scene())] * 2, ["a.png"])
+    with pytest.raises(ValueError, match="distinct, non-blank"):
+        det.set_vocabulary(["circle", "", "square"])
+    with pytest.raises(ValueError, match="distinct, non-blank"):
+        det.set_vocabulary(["circle", "Circle"])
+    det.max_dets = 0
+    with pytest.raises(ValueError, match="at least 1"):
+        det(scene())
+
+
+def test_float_images_on_0_to_1_are_scaled(det):
+    a = scene()
+    ref = to_image_tensor(a)
+    assert torch.equal(to_image_tensor(a.astype(np.float32) / 255.0), ref)
+    assert torch.equal(to_image_tensor(torch.from_numpy(a).permute(2, 0, 1).float() / 255.0), ref)
+    assert torch.equal(to_image_tensor(a.astype(np.float32)), ref)  # 0..255 floats stay as they are
+
+
+def test_an_oversized_image_is_a_read_error_not_a_crash(tmp_path, monkeypatch):
+    Image.fromarray(scene()).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 48×64 is then a "decompression bomb"
+    with pytest.raises(ImageReadError, match="too large"):
+        read_image(tmp_path / "big.png")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")

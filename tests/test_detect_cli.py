@@ -1,6 +1,7 @@
 """tools/detect.py: input forms, vocabularies, outputs, COCO results, and every way a run can go wrong."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -12,8 +13,8 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-
 from test_api import scene  # noqa: E402
+
 from vild.detect_cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -164,3 +165,29 @@ def test_default_score_threshold_depends_on_the_variant(ckpt, images, tmp_path, 
     assert "score threshold 0.3" in capsys.readouterr().err
     assert all(d["score"] >= 0.3 for d in json.loads((tmp_path / "detections.json").read_text()))
     assert Image.open(tmp_path / "color.png").size == (64, 48)
+
+
+def test_lvis_ground_truth_ids_and_inputs_it_does_not_list(ckpt, images, tmp_path, capsys):
+    """LVIS images carry coco_url, not file_name; inputs the ground truth lacks are counted, not silently lost."""
+    gt = {"images": [{"id": 42, "coco_url": "http://images.cocodataset.org/val2017/color.png",
+                      "height": 48, "width": 64}],
+          "annotations": [], "categories": [{"id": 9, "name": "circle", "frequency": "f"}]}
+    (tmp_path / "lvis.json").write_text(json.dumps(gt))
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("color.png", "gray.png"):
+        shutil.copy(images[name], src / name)
+    (src / "notes.txt").write_text("not an input")
+    rc = run(ckpt, src / "*", tmp_path / "out", "--vocab", "circle", "--json", "--coco-gt", tmp_path / "lvis.json")
+    out = capsys.readouterr().out
+    assert rc == 0, out  # the glob takes the images only, like a folder would
+    dets = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert dets and {(d["image_id"], d["category_id"]) for d in dets} == {(42, 9)}
+    assert "1 not in --coco-gt" in out
+
+
+@pytest.mark.parametrize("flag", ["--max-dets", "--batch-size"])
+def test_counts_must_be_positive(ckpt, images, tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as e:
+        main(["--weights", str(ckpt), "--input", str(images["color.png"]), "--output", str(tmp_path), flag, "0"])
+    assert e.value.code == 2 and "at least 1" in capsys.readouterr().err

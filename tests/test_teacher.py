@@ -51,6 +51,8 @@ def test_parse_vocabulary_forms(tmp_path):
     f = tmp_path / "vocab.txt"
     f.write_text("# my classes\ncouch|sofa  # furniture\n\n tv | television\n")
     assert load_vocabulary_file(f) == expected
+    f.write_bytes("\ufeffcouch|sofa\r\ntv|television\r\n".encode())  # a Windows editor's byte-order mark
+    assert load_vocabulary_file(f) == expected
 
 
 def test_clean_name():
@@ -159,7 +161,7 @@ def test_save_weights_round_trip(teacher, tmp_path):
     assert torch.equal(loaded.embed_regions([_image()], boxes)[0], teacher.embed_regions([_image()], boxes)[0])
     ident = loaded.identity
     assert ident == {"model": MICRO, "pretrained": str(path.resolve()),
-                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "quick_gelu": False}
     assert teacher.identity["sha256"] != ident["sha256"]  # random init: fingerprint of the tensors
 
 
@@ -195,6 +197,29 @@ def test_missing_weights_file(tmp_path):
 def test_unknown_tag():
     with pytest.raises(ValueError, match="TEACHER.PRETRAINED"):
         CLIPTeacher(MICRO, "laion400m_e32")
+
+
+def test_openai_tags_get_quick_gelu_and_tags_match_any_case(monkeypatch):
+    """open_clip builds ViT-B-32 with GELU; OpenAI's weights were trained with QuickGELU."""
+    import open_clip
+
+    from vild.teacher import clip_teacher
+    calls = []
+    monkeypatch.setattr(open_clip, "create_model", lambda name, **kw: calls.append((name, kw)))
+    clip_teacher._create_model("ViT-B-32", "OpenAI", torch.device("cpu"))
+    clip_teacher._create_model("ViT-B-32", "laion2b_s34b_b79k", torch.device("cpu"))
+    assert [(kw["pretrained"], kw["force_quick_gelu"]) for _, kw in calls] == [
+        ("openai", True), ("laion2b_s34b_b79k", False)]
+
+
+def test_unwritable_cache_warns_and_still_embeds(tmp_path):
+    (tmp_path / "file").write_text("")
+    torch.manual_seed(0)
+    t = CLIPTeacher(MICRO, "", cache_dir=str(tmp_path / "file" / "cache"), templates="simple")
+    assert t.identity["quick_gelu"] is False
+    with pytest.warns(UserWarning, match="VILD_CACHE"):
+        emb = t.encode_text(["cat", "dog"])
+    assert emb.shape == (2, t.embed_dim)
 
 
 def test_tag_unavailable_offline(monkeypatch, tmp_path):

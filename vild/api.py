@@ -124,14 +124,21 @@ class Detector:
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, path: Union[str, os.PathLike], device: str = "auto", **kwargs: Any) -> "Detector":
-        """Load a vild training checkpoint (safely), its config, weights, CLIP teacher and training vocabulary."""
-        dev = resolve_device(device)
+    def from_checkpoint(cls, path: Union[str, os.PathLike], device: Union[str, torch.device] = "auto",
+                        cache_dir: Union[str, os.PathLike, None] = None, **kwargs: Any) -> "Detector":
+        """Load a vild training checkpoint (safely), its config, weights, CLIP teacher and training vocabulary.
+
+        Text embeddings are cached in ``cache_dir`` (default: $VILD_CACHE, else ~/.cache/vild), not in the
+        training run's TEACHER.CACHE_DIR, a path on the machine that trained it.
+        """
+        dev = resolve_device(str(device))
         ckpt = load_checkpoint(path, map_location="cpu")
         if not isinstance(ckpt.get("cfg"), dict):
             raise ValueError(f"checkpoint {path} holds no 'cfg': not a vild training checkpoint")
         cfg = cfg_from_dict(ckpt["cfg"])
-        cfg.TEACHER.PRETRAINED = _resolve_teacher_weights(cfg.TEACHER.PRETRAINED, Path(path).expanduser().parent)
+        cfg.TEACHER.CACHE_DIR = str(cache_dir) if cache_dir else ""
+        cfg.TEACHER.PRETRAINED = _resolve_teacher_weights(cfg.TEACHER.PRETRAINED, Path(path).expanduser().parent,
+                                                          (ckpt.get("teacher") or {}).get("sha256"))
         teacher = CLIPTeacher.from_config(cfg, dev)
         check_teacher(ckpt.get("teacher") or {}, teacher.identity, path,
                       "put the original teacher weights file beside the checkpoint")
@@ -167,7 +174,15 @@ class Detector:
 
     def set_vocabulary(self, vocabulary: VocabLike) -> None:
         """Detect these categories from now on: "kite,unicycle", "couch|sofa,tv", or a list of names / synonym lists."""
-        vocab = _dedupe_case_insensitive(parse_vocabulary(vocabulary))
+        if not isinstance(vocabulary, str):
+            # a list's positions are label indices the caller may map to ids: never drop or merge an entry
+            vocab = parse_vocabulary(vocabulary, dedupe=False)
+            keys = [_key(syns[0]) for syns in vocab]
+            if len(vocab) != len(vocabulary) or len(set(keys)) != len(keys):
+                raise ValueError("every vocabulary entry needs a distinct, non-blank name (a blank or repeated "
+                                 "entry would shift label indices); for a lenient parse pass one string")
+        else:
+            vocab = _dedupe_case_insensitive(parse_vocabulary(vocabulary))
         key = json.dumps(vocab)
         emb = self._emb_cache.get(key)
         if emb is None:
@@ -194,12 +209,16 @@ class Detector:
             results += self.predict([to_image_tensor(x, bgr) for x in chunk], sources)
         return results[0] if single else results
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: results must stay ordinary tensors that callers may edit in place
     def predict(self, images: list[torch.Tensor], sources: Optional[list[Optional[str]]] = None
                 ) -> list[DetectionResult]:
         """One forward pass over uint8 RGB tensors [3, H, W]; returns a result per image."""
         if not self._vocab:
             raise RuntimeError('no vocabulary: call detector.set_vocabulary("cat,dog") first')
+        if self.max_dets < 1:
+            raise ValueError(f"max_dets is {self.max_dets}: keep at least 1 detection per image")
+        if sources is not None and len(sources) != len(images):
+            raise ValueError(f"{len(images)} images but {len(sources)} sources: pass one source (or None) per image")
         if not images:
             return []
         heads = self.model.roi_heads
@@ -234,11 +253,16 @@ def _dedupe_case_insensitive(vocab: list[list[str]]) -> list[list[str]]:
     return out
 
 
-def _resolve_teacher_weights(pretrained: str, checkpoint_dir: Path) -> str:
-    """A weights file named relative to the cwd, else found beside the checkpoint; tags pass through."""
-    if not pretrained or os.path.isfile(pretrained):
+def _resolve_teacher_weights(pretrained: str, checkpoint_dir: Path, sha256: Optional[str] = None) -> str:
+    """The teacher weights file: as named (from the cwd) or beside the checkpoint, the one whose sha256 is the
+    training teacher's when several exist; open_clip tags pass through."""
+    if not pretrained:
         return pretrained
-    for cand in (checkpoint_dir / pretrained, checkpoint_dir / Path(pretrained).name):
-        if cand.is_file():
-            return str(cand)
-    return pretrained  # an open_clip tag, or missing: CLIPTeacher says which
+    found = [str(c) for c in (Path(pretrained), checkpoint_dir / pretrained, checkpoint_dir / Path(pretrained).name)
+             if c.is_file()]
+    if sha256:
+        from .teacher.clip_teacher import sha256_file
+        for cand in dict.fromkeys(found):
+            if sha256_file(cand) == sha256:
+                return cand
+    return found[0] if found else pretrained  # an open_clip tag, or missing: CLIPTeacher says which

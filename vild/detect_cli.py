@@ -24,6 +24,13 @@ class CLIError(Exception):
     """A problem with the command line or its files, reported without a traceback."""
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
     p = argparse.ArgumentParser(prog="tools/detect.py", description=__doc__)
@@ -37,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, default=None,
                    help="drop detections scoring below this; default per variant: 0.3 (text, vild), "
                         "0.05 (ensemble, whose novel-category scores are small)")
-    p.add_argument("--max-dets", type=int, default=100, help="detections kept per image")
+    p.add_argument("--max-dets", type=_positive, default=100, help="detections kept per image")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    p.add_argument("--batch-size", type=_positive, default=4, help="images per forward pass")
     p.add_argument("--json", action="store_true", help="also write detections.json (COCO results format)")
     p.add_argument("--coco-gt", help="with --json: take image and category ids from this COCO annotation file")
     return p
@@ -77,13 +84,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 def collect_inputs(spec: str) -> tuple[list[Path], list[Path]]:
     """Images and videos named by a file, a folder (its image files) or a glob, sorted."""
     p = Path(spec).expanduser()
+    known = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
     if p.is_dir():
-        known = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
         files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in known)
     elif p.is_file():
         files = [p]
-    elif glob.has_magic(spec):
-        files = sorted(Path(f) for f in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(f))
+    elif glob.has_magic(spec):  # like a folder: "dir/*" means its images and videos, not its notes.txt
+        files = sorted(Path(f) for f in glob.glob(os.path.expanduser(spec), recursive=True)
+                       if os.path.isfile(f) and Path(f).suffix.lower() in known)
     else:
         raise CLIError(f"input {spec} does not exist")
     if not files:
@@ -137,12 +145,15 @@ class _IdMapper:
 
     def __init__(self, gt_path: Optional[str], names: list[str]):
         self.by_file: Optional[dict[str, int]] = None
+        self.unmatched = 0  # inputs whose file name the ground truth does not list
         self.category_ids = list(range(1, len(names) + 1))
         if not gt_path:
             return
         from .api import _key
         gt = json.loads(Path(gt_path).read_text())
-        self.by_file = {Path(im["file_name"]).name: im["id"] for im in gt["images"]}
+        # LVIS images name their file only in coco_url
+        self.by_file = {Path(im.get("file_name") or im.get("coco_url", "")).name: im["id"] for im in gt["images"]}
+        self.unmatched = 0
         cats = {_key(c["name"]): c["id"] for c in gt["categories"]}
         missing = [n for n in names if _key(n) not in cats]
         if missing:
@@ -151,7 +162,11 @@ class _IdMapper:
 
     def image_id(self, path: Path, fallback: int) -> Optional[int]:
         """The ground truth's id for this file (None if absent), or ``fallback`` without ground truth."""
-        return fallback if self.by_file is None else self.by_file.get(path.name)
+        if self.by_file is None:
+            return fallback
+        found = self.by_file.get(path.name)
+        self.unmatched += found is None
+        return found
 
 
 # ---- running -----------------------------------------------------------------------------------
@@ -215,8 +230,14 @@ class _Run:
                 for r in self.det.predict(frames, [str(path)] * len(frames)):
                     if writer is None:
                         h, w = r.image.shape[-2:]
-                        writer = cv2.VideoWriter(str(self._out_path(path, ".mp4")), cv2.VideoWriter_fourcc(*"mp4v"),
-                                                 fps, (w, h))
+                        out = self._out_path(path, ".mp4")
+                        writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+                        if not writer.isOpened():
+                            cap.release()
+                            bar.close()
+                            self._fail(path, "cannot write video", f"cannot write {out}: this OpenCV has no mp4v "
+                                       f"encoder; pass the frames as images instead")
+                            return
                     writer.write(r.draw()[..., ::-1].copy())
                     self._record(r, path, self.next_id, frame=index)
                     self.next_id, index = self.next_id + 1, index + 1
@@ -266,4 +287,8 @@ class _Run:
             done += f" ({self.num_frames} frames of {self.num_videos} video{'s' if self.num_videos > 1 else ''})"
         reasons = sorted(Counter(r for _, r in self.failures).items(), key=lambda rn: (-rn[1], rn[0]))
         why = f" ({', '.join(f'{n} {r}' for r, n in reasons)})" if reasons else ""
-        return f"{done}, skipped {len(self.failures)}{why}"
+        line = f"{done}, skipped {len(self.failures)}{why}"
+        if self.ids is not None and self.ids.unmatched:
+            line += (f"; {self.ids.unmatched} not in --coco-gt, so left out of detections.json "
+                     f"(is it the right split?)")
+        return line

@@ -29,6 +29,8 @@ def read_image(path: Union[str, os.PathLike]) -> torch.Tensor:
             return pil_to_tensor(img)
     except UnidentifiedImageError:
         raise ImageReadError(p, "not an image") from None
+    except Image.DecompressionBombError as e:  # not an OSError: it would end a whole folder's run
+        raise ImageReadError(p, "too large", str(e).splitlines()[0][:200]) from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL reports broken data as any of these
         reason = "truncated" if "truncated" in str(e) else "corrupt"
         raise ImageReadError(p, reason, str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
@@ -52,19 +54,29 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
 
 
 def _high_depth_to_uint8(a: np.ndarray) -> np.ndarray:
-    """16/32-bit integer images span 0..65535; float images have no fixed range, so stretch them."""
+    """16/32-bit integer images span 0..65535; float images are 0..1 or 0..255 if they fit, else stretched."""
     is_float = a.dtype.kind == "f"
     a = a.astype(np.float64)
-    if is_float and (a.max() > 65535 or a.min() < 0 or a.max() <= 1.0):
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) / (hi - lo if hi > lo else 1.0) * 255.0
-    else:
+    lo, hi = float(a.min()), float(a.max())
+    if not is_float:
         a = a / 257.0  # 65535 / 255
+    elif lo >= 0 and hi <= 1.0:
+        a = a * 255.0
+    elif lo < 0 or hi > 255:
+        a = (a - lo) / (hi - lo if hi > lo else 1.0) * 255.0
     return np.clip(np.round(a), 0, 255).astype(np.uint8)
 
 
+def _float_scale(max_value: float) -> float:
+    """Float images on 0..1 (torchvision's ToTensor) are scaled to 0..255; on 0..1 they would be black."""
+    return 255.0 if max_value <= 1.0 else 1.0
+
+
 def to_image_tensor(image: object, bgr: bool = False) -> torch.Tensor:
-    """Path, PIL image, numpy array (H×W, H×W×3/4; RGB unless ``bgr``) or tensor [3,H,W] → uint8 RGB [3,H,W]."""
+    """Path, PIL image, numpy array (H×W, H×W×3/4; RGB unless ``bgr``) or tensor [3,H,W] → uint8 RGB [3,H,W].
+
+    Float arrays and tensors are read on 0..255, or on 0..1 when no value exceeds 1 (torchvision's ToTensor).
+    """
     if isinstance(image, (str, os.PathLike)):
         return read_image(image)
     if isinstance(image, Image.Image):
@@ -75,8 +87,9 @@ def to_image_tensor(image: object, bgr: bool = False) -> torch.Tensor:
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"image tensors must be [3, H, W] RGB; got shape {tuple(image.shape)}")
         if image.dtype != torch.uint8:
-            # the model's convention: float images are on the 0..255 scale
-            image = image.float().round().clamp(0, 255).to(torch.uint8)
+            image = image.float()
+            image = (image * _float_scale(float(image.max()) if image.numel() else 0.0)).round().clamp(0, 255)
+            image = image.to(torch.uint8)
         return image.flip(0) if bgr else image
     raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, PIL image, numpy array or tensor")
 
@@ -84,8 +97,10 @@ def to_image_tensor(image: object, bgr: bool = False) -> torch.Tensor:
 def _array_to_tensor(a: np.ndarray, bgr: bool) -> torch.Tensor:
     if a.dtype == np.uint16:
         a = _high_depth_to_uint8(a)
+    elif a.dtype.kind == "f":
+        a = np.clip(np.round(a * _float_scale(float(a.max()) if a.size else 0.0)), 0, 255).astype(np.uint8)
     elif a.dtype != np.uint8:
-        a = np.clip(np.round(a), 0, 255).astype(np.uint8)  # the model's convention: values on 0..255
+        a = np.clip(a, 0, 255).astype(np.uint8)
     if a.ndim == 2:
         a = np.repeat(a[..., None], 3, axis=2)
     if a.ndim != 3 or a.shape[2] not in (3, 4):

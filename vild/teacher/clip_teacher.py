@@ -55,14 +55,18 @@ def _create_model(name: str, pretrained: Optional[str], device: torch.device) ->
         return open_clip.create_model(name, pretrained=pretrained, device=device)
     tags = open_clip.list_pretrained_tags_by_model(name)
     hint = "pass a local weights file with TEACHER.PRETRAINED /path/to/file"
-    if pretrained in tags:
+    tag = next((t for t in tags if t.lower() == pretrained.lower()), None)
+    if tag is not None:
+        # OpenAI's weights were trained with QuickGELU; open_clip builds e.g. ViT-B-32 with GELU unless told
+        quick = bool((open_clip.get_pretrained_cfg(name, tag) or {}).get("quick_gelu", False))
         try:
-            return open_clip.create_model(name, pretrained=pretrained, device=device)
+            return open_clip.create_model(name, pretrained=tag, device=device, force_quick_gelu=quick)
         except RuntimeError as e:
             raise RuntimeError(f"could not download open_clip weights {name!r}/{pretrained!r} "
                                f"(no internet, or set HF_HUB_OFFLINE=1 to fail fast): {hint}") from e
     if os.sep in pretrained or "/" in pretrained or pretrained.endswith(_WEIGHT_SUFFIXES):
-        raise FileNotFoundError(f"teacher weights file not found: {pretrained}")
+        raise FileNotFoundError(f"teacher weights file not found: {pretrained} (looked in {os.getcwd()} and, for a "
+                                f"checkpoint, beside it): put the file there or set TEACHER.PRETRAINED to its path")
     raise ValueError(f"unknown pretrained tag {pretrained!r} for {name!r}; tags: {tags}; or {hint}")
 
 
@@ -83,6 +87,8 @@ class CLIPTeacher(nn.Module):
         if os.path.isfile(self.pretrained):
             self.pretrained = os.path.abspath(self.pretrained)
         self.model = _create_model(model_name, self.pretrained, self.device).eval().requires_grad_(False)
+        # part of the identity: the same weights under GELU and QuickGELU give different embeddings
+        self._quick_gelu = any(type(m).__name__ == "QuickGELU" for m in self.model.modules())
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.templates = get_templates(templates) if isinstance(templates, str) else list(templates)
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -122,7 +128,7 @@ class CLIPTeacher(nn.Module):
 
     @property
     def identity(self) -> dict:
-        """{"model", "pretrained", "sha256"}: which weights produced the embeddings."""
+        """{"model", "pretrained", "sha256", "quick_gelu"}: which weights and activation produced the embeddings."""
         if self._sha256 is None:
             if os.path.isfile(self.pretrained):
                 self._sha256 = sha256_file(self.pretrained)
@@ -133,7 +139,8 @@ class CLIPTeacher(nn.Module):
                     h.update(k.encode())
                     h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
                 self._sha256 = h.hexdigest()
-        return {"model": self.model_name, "pretrained": self.pretrained, "sha256": self._sha256}
+        return {"model": self.model_name, "pretrained": self.pretrained, "sha256": self._sha256,
+                "quick_gelu": self._quick_gelu}
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
@@ -164,7 +171,11 @@ class CLIPTeacher(nn.Module):
                 warnings.warn(f"ignoring corrupt text-embedding cache {path}: {e}")
         self.cache_misses += 1
         emb = self._encode_vocab(vocab)
-        atomic_save(emb, path)
+        try:
+            atomic_save(emb, path)
+        except OSError as e:  # a cache is an optimisation: an unwritable folder costs time, not the run
+            warnings.warn(f"could not write the text-embedding cache {path} ({e}); set $VILD_CACHE to a writable "
+                          f"folder to keep embeddings between runs")
         return emb
 
     def _encode_vocab(self, vocab: list[list[str]]) -> Tensor:

@@ -42,7 +42,7 @@ def parse_vocabulary(text_or_list: VocabLike, dedupe: bool = True) -> list[list[
 
 def load_vocabulary_file(path: Union[str, os.PathLike]) -> list[list[str]]:
     """Read one category per line ("couch|sofa"); "#" starts a comment."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows editors) is not part of a name
         lines = [line.split("#", 1)[0] for line in f]
     return parse_vocabulary([line for line in lines if line.strip()])
 
