@@ -294,3 +294,18 @@ def test_lsj_pads_with_the_mean_pixel_and_masks_with_zero(world):
     assert pad.float().mean() > 0.8  # the image covers 0.3² of the canvas
     assert not (image == 0).all(0).any()
     assert not (t["masks"].bool() & pad).any()
+
+
+def test_targets_without_masks_for_evaluation_and_the_store_writer(world):
+    """Evaluation scores against the json: decoding every polygon there would be wasted work."""
+    full = DetectionDataset(world["lvis_val"], world["images_val"], "lvis", "lvis", train=False)
+    lean = DetectionDataset(world["lvis_val"], world["images_val"], "lvis", "lvis", train=False, masks=False)
+    (image, t), (image0, t0) = lean[0], full[0]
+    assert "masks" not in t and "masks" in t0
+    assert torch.equal(image, image0) and torch.equal(t["boxes"], t0["boxes"])
+    assert torch.equal(t["labels"], t0["labels"])
+    cfg = _cfg(AUG="lsj", IMAGE_SIZE=96)  # the training transforms cope with mask-less targets too
+    aug = DetectionDataset(world["lvis_train"], world["images_train"], "lvis", "lvis", train=True,
+                           transforms=build_transforms(cfg, True), masks=False)
+    image, t = aug[0]
+    assert image.shape == (3, 96, 96) and "masks" not in t and len(t["boxes"]) == len(t["labels"])

@@ -76,11 +76,16 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __init__(self, json_file: str | os.PathLike, image_root: str | os.PathLike, evaluator_type: str = "coco",
                  split: str = "all", train: bool = True, transforms: Callable | None = None,
                  proposal_store: ProposalStore | None = None, filter_empty: bool | None = None, name: str = "",
-                 unreadable: str | None = None):
-        """Load ``json_file``; ``filter_empty`` (default: ``train``) drops images left without annotations."""
+                 unreadable: str | None = None, masks: bool = True):
+        """Load ``json_file``; ``filter_empty`` (default: ``train``) drops images left without annotations.
+
+        ``masks=False`` leaves the ground-truth masks out of the targets: evaluation scores against the
+        json, and the proposal-store writer needs none, so decoding every polygon would be wasted work.
+        """
         self.name, self.json_file, self.image_root = name or Path(json_file).stem, str(json_file), Path(image_root)
         self.evaluator_type, self.split, self.train = evaluator_type, split, train
         self.unreadable = unreadable or ("next" if train else "raise")
+        self.load_masks = masks
         if self.unreadable not in ("next", "raise", "skip"):
             raise ValueError(f"unreadable={unreadable!r}: expected 'next', 'raise' or 'skip'")
         self.transforms = transforms or DetectionTransform(None)
@@ -158,15 +163,16 @@ class DetectionDataset(torch.utils.data.Dataset):
         h, w = img["height"], img["width"]
         boxes = torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in (a["bbox"] for a in anns)],
                              dtype=torch.float32).reshape(-1, 4)
-        masks = np.stack([decode_mask(a.get("segmentation"), a["bbox"], h, w) for a in anns]) if anns else \
-            np.zeros((0, h, w), np.uint8)
         target = {
             "boxes": boxes,
             "labels": torch.tensor([self._label[a["category_id"]] for a in anns], dtype=torch.int64),
-            "masks": torch.from_numpy(masks),
             "image_id": int(img["id"]),
             "orig_size": (h, w),
         }
+        if self.load_masks:
+            masks = np.stack([decode_mask(a.get("segmentation"), a["bbox"], h, w) for a in anns]) if anns else \
+                np.zeros((0, h, w), np.uint8)
+            target["masks"] = torch.from_numpy(masks)
         target.update(self._proposals(int(img["id"])))
         return target
 

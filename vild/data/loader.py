@@ -18,7 +18,8 @@ from .transforms import build_transforms
 
 
 def build_dataset(cfg: Any, name: str, train: bool, proposal_store: ProposalStore | str | None = None,
-                  filter_empty: bool | None = None, unreadable: str | None = None) -> DetectionDataset:
+                  filter_empty: bool | None = None, unreadable: str | None = None,
+                  masks: bool = True) -> DetectionDataset:
     """Resolve ``name`` through the catalog; training sets open cfg.DATASETS.PROPOSAL_STORE when none is given."""
     meta = get_dataset_meta(name, cfg)
     if proposal_store is None and train and cfg.DATASETS.PROPOSAL_STORE:
@@ -27,7 +28,7 @@ def build_dataset(cfg: Any, name: str, train: bool, proposal_store: ProposalStor
         proposal_store = ProposalStore(proposal_store)
     return DetectionDataset(meta.json_file, meta.image_root, meta.evaluator_type, meta.split, train,
                             build_transforms(cfg, train), proposal_store, filter_empty=filter_empty, name=name,
-                            unreadable=unreadable)
+                            unreadable=unreadable, masks=masks)
 
 
 def trivial_collate(batch: list) -> tuple[list, list]:

@@ -49,19 +49,23 @@ class DetectionTransform:
             sample: dict[str, Any] = {
                 "image": tv_tensors.Image(image),
                 "boxes": tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=canvas),
-                "masks": tv_tensors.Mask(target["masks"]),
                 "proposal_boxes": tv_tensors.BoundingBoxes(target["proposal_boxes"], format="XYXY", canvas_size=canvas),
             }
+            if "masks" in target:
+                sample["masks"] = tv_tensors.Mask(target["masks"])
             out = self.geometry(sample)
             image = out["image"].as_subclass(torch.Tensor)
             target["boxes"] = out["boxes"].as_subclass(torch.Tensor)
-            target["masks"] = out["masks"].as_subclass(torch.Tensor)
+            if "masks" in target:
+                target["masks"] = out["masks"].as_subclass(torch.Tensor)
             target["proposal_boxes"] = out["proposal_boxes"].as_subclass(torch.Tensor)
         h, w = image.shape[-2:]
-        if self.recompute_boxes and len(target["masks"]):
+        if self.recompute_boxes and "masks" in target and len(target["masks"]):
             target["boxes"] = mask_extents(target["masks"])
         boxes, keep = clamp_boxes(target["boxes"].float(), h, w)
-        target["boxes"], target["labels"], target["masks"] = boxes[keep], target["labels"][keep], target["masks"][keep]
+        target["boxes"], target["labels"] = boxes[keep], target["labels"][keep]
+        if "masks" in target:  # left out where nothing reads them (evaluation, the proposal-store writer)
+            target["masks"] = target["masks"][keep]
         props, ok = clamp_boxes(target["proposal_boxes"].float(), h, w)
         target["proposal_boxes"] = props
         target["proposal_valid"] = target["proposal_valid"] & ok

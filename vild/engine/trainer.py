@@ -323,7 +323,7 @@ class Trainer:
         from .inference import inference_on_dataset
         groups: dict[tuple, list] = {}
         for name in self.cfg.DATASETS.TEST:
-            ds = build_dataset(self.cfg, name, train=False)
+            ds = build_dataset(self.cfg, name, train=False, masks=False)  # scored against the json
             key = (str(ds.image_root), tuple(ds.image_ids), tuple(ds.category_ids),
                    json.dumps(ds.category_names), tuple(ds.base_mask))
             groups.setdefault(key, []).append((name, ds))
