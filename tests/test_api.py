@@ -141,7 +141,7 @@ def test_a_different_teacher_is_refused_naming_both(tmp_path):
     torch.manual_seed(123)
     CLIPTeacher("vild-test-micro", "", templates="simple").save_weights(tmp_path / "teacher.pt")
     now = sha256_file(tmp_path / "teacher.pt")
-    with pytest.raises(ValueError, match="trained with teacher") as e:
+    with pytest.raises(ValueError, match="made with teacher") as e:
         Detector.from_checkpoint(path, device="cpu")
     assert trained[:12] in str(e.value) and now[:12] in str(e.value)
 
@@ -191,6 +191,8 @@ def test_float_images_on_0_to_1_are_scaled(det):
     assert torch.equal(to_image_tensor(a.astype(np.float32) / 255.0), ref)
     assert torch.equal(to_image_tensor(torch.from_numpy(a).permute(2, 0, 1).float() / 255.0), ref)
     assert torch.equal(to_image_tensor(a.astype(np.float32)), ref)  # 0..255 floats stay as they are
+    ones = torch.ones(3, 4, 4, dtype=torch.int64)  # integers are never rescaled, whatever their range
+    assert to_image_tensor(ones).max() == 1 and to_image_tensor(ones.numpy().transpose(1, 2, 0)).max() == 1
 
 
 def test_an_oversized_image_is_a_read_error_not_a_crash(tmp_path, monkeypatch):

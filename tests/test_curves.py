@@ -23,7 +23,8 @@ def test_read_metrics_later_lines_win_and_cut_lines_are_skipped(tmp_path):
 
 def test_panels_total_loss_first_then_losses_lr_and_one_panel_per_evaluation():
     s = {k: [(1, 1.0)] for k in ["loss_mask", "total_loss", "loss_cls", "lr", "sec_per_iter",
-                                 "val/bbox/AP", "val/bbox/APr", "val/bbox/AP75", "val/segm/AP", "coco/bbox/AP50_novel"]}
+                                 "val/bbox/AP", "val/bbox/APr", "val/bbox/AP75", "val/segm/AP", "coco/bbox/AP50_novel",
+                                 "val/bbox/per_category/person/AP"]}  # a per-category table gets no panel
     got = panels(s)
     assert [t for t, _ in got] == ["total_loss", "loss_mask", "loss_cls", "lr", "coco/bbox", "val/bbox", "val/segm"]
     assert list(dict(got)["val/bbox"]) == ["AP", "APr"]  # headline stats only, in a fixed order

@@ -191,3 +191,10 @@ def test_counts_must_be_positive(ckpt, images, tmp_path, capsys, flag):
     with pytest.raises(SystemExit) as e:
         main(["--weights", str(ckpt), "--input", str(images["color.png"]), "--output", str(tmp_path), flag, "0"])
     assert e.value.code == 2 and "at least 1" in capsys.readouterr().err
+
+
+def test_a_repeated_name_on_the_command_line_is_dropped_with_a_warning(ckpt, images, tmp_path):
+    with pytest.warns(UserWarning, match="duplicate category 'Circle'"):
+        assert run(ckpt, images["color.png"], tmp_path / "out", "--vocab", "circle,Circle,square", "--json") == 0
+    names = {d["category_name"] for d in json.loads((tmp_path / "out" / "detections.json").read_text())}
+    assert names <= {"circle", "square"}

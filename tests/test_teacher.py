@@ -289,3 +289,12 @@ def test_prompts_cut_to_their_length_embed_the_same(teacher):
     # a text tower that is not causal cannot be cut: padding would reach the pooled token
     teacher.model.attn_mask = None
     assert not can_truncate(teacher.model)
+
+
+def test_same_weights_under_another_activation_are_another_teacher():
+    """open_clip 3.x built openai tags with GELU: a store or checkpoint made then must not pass as QuickGELU's."""
+    from vild.engine.checkpoint import teacher_mismatch
+    gelu = {"model": "ViT-B-32", "pretrained": "openai", "sha256": None, "quick_gelu": False}
+    assert "GELU" in teacher_mismatch(gelu, {**gelu, "quick_gelu": True})
+    assert teacher_mismatch(gelu, dict(gelu)) == ""
+    assert teacher_mismatch({"model": "ViT-B-32", "pretrained": "openai"}, gelu) == ""  # unrecorded: unknown

@@ -77,7 +77,7 @@ def test_train_eval_and_outputs(world, teacher_file):
     torch.manual_seed(1)
     other = teacher_file / "other_teacher.pt"
     CLIPTeacher("vild-test-micro", "", templates="simple").save_weights(other)
-    with pytest.raises(ValueError, match="trained with teacher.*TEACHER.PRETRAINED"):
+    with pytest.raises(ValueError, match="made with teacher.*TEACHER.PRETRAINED"):
         train_main(["--config", "tiny_test.yaml", "--eval-only", *world_opts(
             world, teacher_file / "eval2", **{"MODEL.WEIGHTS": str(out / "model_final.pth"),
                                               "TEACHER.PRETRAINED": str(other)})])

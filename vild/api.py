@@ -120,7 +120,8 @@ class Detector:
         self._vocab: list[list[str]] = []
         self._base_mask: list[bool] = []
         if vocabulary is not None or self.training_vocabulary:
-            self.set_vocabulary(vocabulary if vocabulary is not None else self.training_vocabulary)
+            self.set_vocabulary(vocabulary if vocabulary is not None
+                                else _dedupe_case_insensitive(self.training_vocabulary))
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod

@@ -40,9 +40,10 @@ def demo(argv: list[str] | None = None, results_dir: str | None = None, picture:
     p.add_argument("--fast", action="store_true", help="a few images and steps (smoke test; numbers meaningless)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results-dir", default=results_dir,
-                   help="where the table goes ('' = nowhere; default: OUT/results)")
+                   help=f"where the table goes ('' = nowhere; default: {results_dir or 'OUT/results'})")
     p.add_argument("--picture", default=picture,
-                   help="detections of novel categories ('' = none; default: OUT/demo_novel_detections.png)")
+                   help=f"detections of novel categories ('' = none; default: "
+                        f"{picture or 'OUT/demo_novel_detections.png'})")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--iters", type=int, default=0, help="training iterations per detector (default: DemoSettings)")
     p.add_argument("--export", default="", help="after the run, copy the ViLD model (fp16) and teacher here")

@@ -33,7 +33,7 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
-    p = argparse.ArgumentParser(prog="tools/detect.py", description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--weights", help="checkpoint; default: the newest model_*.pth under $VILD_OUTPUT or ./output")
     p.add_argument("--input", required=True, help="an image, a folder of images, a glob (quote it) or a video")
     p.add_argument("--output", required=True, help="folder for annotated images/videos (and detections.json)")
@@ -116,12 +116,14 @@ def _newest_or_fail() -> Path:
 
 
 def _vocabulary(args: argparse.Namespace) -> Optional[list]:
+    # typed names are lenient: a repeat ("star,Star") is dropped with a warning, as the Detector does for a string
+    from .api import _dedupe_case_insensitive
     if args.vocab is not None:
         from .teacher.vocabulary import parse_vocabulary
-        return parse_vocabulary(args.vocab)
+        return _dedupe_case_insensitive(parse_vocabulary(args.vocab))
     if args.vocab_file:
         from .teacher.vocabulary import load_vocabulary_file
-        return load_vocabulary_file(args.vocab_file)
+        return _dedupe_case_insensitive(load_vocabulary_file(args.vocab_file))
     if args.vocab_preset:
         from .vocab_presets import get_preset
         return get_preset(args.vocab_preset)
@@ -145,7 +147,7 @@ class _IdMapper:
 
     def __init__(self, gt_path: Optional[str], names: list[str]):
         self.by_file: Optional[dict[str, int]] = None
-        self.unmatched = 0  # inputs whose file name the ground truth does not list
+        self.unmatched: set[Path] = set()  # inputs whose file name the ground truth does not list
         self.category_ids = list(range(1, len(names) + 1))
         if not gt_path:
             return
@@ -153,7 +155,6 @@ class _IdMapper:
         gt = json.loads(Path(gt_path).read_text())
         # LVIS images name their file only in coco_url
         self.by_file = {Path(im.get("file_name") or im.get("coco_url", "")).name: im["id"] for im in gt["images"]}
-        self.unmatched = 0
         cats = {_key(c["name"]): c["id"] for c in gt["categories"]}
         missing = [n for n in names if _key(n) not in cats]
         if missing:
@@ -165,7 +166,8 @@ class _IdMapper:
         if self.by_file is None:
             return fallback
         found = self.by_file.get(path.name)
-        self.unmatched += found is None
+        if found is None:
+            self.unmatched.add(path)  # a video's frames count once
         return found
 
 
@@ -289,6 +291,6 @@ class _Run:
         why = f" ({', '.join(f'{n} {r}' for r, n in reasons)})" if reasons else ""
         line = f"{done}, skipped {len(self.failures)}{why}"
         if self.ids is not None and self.ids.unmatched:
-            line += (f"; {self.ids.unmatched} not in --coco-gt, so left out of detections.json "
+            line += (f"; {len(self.ids.unmatched)} not in --coco-gt, so left out of detections.json "
                      f"(is it the right split?)")
         return line

@@ -86,10 +86,12 @@ def to_image_tensor(image: object, bgr: bool = False) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"image tensors must be [3, H, W] RGB; got shape {tuple(image.shape)}")
-        if image.dtype != torch.uint8:
+        if image.is_floating_point():
             image = image.float()
             image = (image * _float_scale(float(image.max()) if image.numel() else 0.0)).round().clamp(0, 255)
             image = image.to(torch.uint8)
+        elif image.dtype != torch.uint8:
+            image = image.clamp(0, 255).to(torch.uint8)
         return image.flip(0) if bgr else image
     raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, PIL image, numpy array or tensor")
 

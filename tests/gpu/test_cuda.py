@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_iou
-
 from test_api import make_checkpoint, scene
 from test_train_net import teacher_file, world_opts  # noqa: F401 (teacher_file is a fixture)
+from torchvision.ops import box_iou
+
 from vild import Detector
 from vild.engine.checkpoint import load_checkpoint
 from vild.engine.launch import main as train_main
@@ -60,6 +60,8 @@ def test_ddp_syncbn_two_ranks(world, teacher_file):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
+    assert "SyncBN across 2 processes in the backbone" in proc.stdout
+    assert "SyncBN across 2 processes in the RoI heads" in proc.stdout
     ckpt = load_checkpoint(out / "model_final.pth")
     assert ckpt["iteration"] == 3
     # SyncBN's running statistics were updated (saved state is the unwrapped model's BatchNorm buffers)

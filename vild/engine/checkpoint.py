@@ -11,7 +11,7 @@ import torch
 
 from ..utils.atomic import atomic_save
 
-__all__ = ["FORMAT_VERSION", "atomic_save", "check_teacher", "export_checkpoint", "last_checkpoint", "load_checkpoint",
+__all__ = ["FORMAT_VERSION", "atomic_save", "check_teacher", "teacher_mismatch", "export_checkpoint", "last_checkpoint", "load_checkpoint",
            "rng_state", "set_rng_state"]
 
 FORMAT_VERSION = 2  # 2: "rng" holds every rank's state, by rank (1: rank 0's only)
@@ -52,15 +52,26 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool
     return dst
 
 
-def check_teacher(trained_with: dict, identity: dict, path: str | os.PathLike, fix: str) -> None:
-    """Refuse a checkpoint trained with other CLIP weights than ``identity``'s: its embeddings would not match."""
+def teacher_mismatch(trained_with: dict, identity: dict) -> str:
+    """Why embeddings made by teacher ``trained_with`` do not match ``identity``'s ('' when they do, or unknown)."""
     want, have = trained_with.get("sha256"), identity.get("sha256")
     if want and have and want != have:
-        raise ValueError(
-            f"checkpoint {path} was trained with teacher {trained_with.get('model')} weights "
-            f"{trained_with.get('pretrained') or '(random init)'} (sha256 {want[:12]}…), but TEACHER.PRETRAINED "
-            f"now gives {identity.get('pretrained') or '(random init)'} (sha256 {have[:12]}…): its text "
-            f"embeddings would not match the detector; {fix}")
+        return (f"was made with teacher {trained_with.get('model')} weights "
+                f"{trained_with.get('pretrained') or '(random init)'} (sha256 {want[:12]}…), but TEACHER.PRETRAINED "
+                f"now gives {identity.get('pretrained') or '(random init)'} (sha256 {have[:12]}…)")
+    # the same weights under GELU and QuickGELU embed differently (open_clip 3.x built openai tags with GELU)
+    q_want, q_have = trained_with.get("quick_gelu"), identity.get("quick_gelu")
+    if q_want is not None and q_have is not None and q_want != q_have:
+        return (f"was made with teacher {trained_with.get('model')} / {trained_with.get('pretrained')} using "
+                f"{'QuickGELU' if q_want else 'GELU'}, but the teacher now uses {'QuickGELU' if q_have else 'GELU'}")
+    return ""
+
+
+def check_teacher(trained_with: dict, identity: dict, path: str | os.PathLike, fix: str) -> None:
+    """Refuse a checkpoint trained with another CLIP teacher than ``identity``: its embeddings would not match."""
+    why = teacher_mismatch(trained_with, identity)
+    if why:
+        raise ValueError(f"checkpoint {path} {why}: its text embeddings would not match the detector; {fix}")
 
 
 def rng_state() -> dict:

@@ -61,7 +61,7 @@ def panels(series: dict[str, Series]) -> list[tuple[str, dict[str, Series]]]:
     groups: dict[str, dict[str, Series]] = {}
     for k in series:
         prefix, _, stat = k.rpartition("/")
-        if prefix and stat in _EVAL_STATS:
+        if prefix.count("/") == 1 and stat in _EVAL_STATS:  # "dataset/task/AP"; not per-category tables
             groups.setdefault(prefix, {})[stat] = series[k]
     for prefix in sorted(groups):
         out.append((prefix, {s: groups[prefix][s] for s in _EVAL_STATS if s in groups[prefix]}))

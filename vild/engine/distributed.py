@@ -54,8 +54,10 @@ def relaunch_with_torchrun(num_procs: int, args: list[str]) -> None:
     ``tools/train_net.py``, ``vild-train``, or ``main(argv)`` from Python.
     """
     args = [a for i, a in enumerate(args) if not _is_num_gpus_arg(args, i)]
-    root = str(Path(__file__).resolve().parents[2])  # a checkout's vild, importable without installing
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ)
+    if (root / "pyproject.toml").is_file():  # a checkout: its vild, importable without installing
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_procs}",
            "-m", "vild.engine.launch", *args]
     os.execve(sys.executable, cmd, env)

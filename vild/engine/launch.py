@@ -12,7 +12,8 @@ def train_argument_parser() -> argparse.ArgumentParser:
     """detectron2-style arguments: --config, --eval-only, --resume, --num-gpus, then KEY VALUE overrides."""
     p = argparse.ArgumentParser(
         description="Train or evaluate ViLD. Multi-node: torchrun --nnodes N --nproc_per_node G "
-                    "--rdzv_backend c10d --rdzv_endpoint HOST:PORT tools/train_net.py --config ...",
+                    "--rdzv_backend c10d --rdzv_endpoint HOST:PORT -m vild.engine.launch --config ... "
+                    "(or tools/train_net.py in a checkout)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", "--config-file", dest="config", default="", help="YAML file, or a name in configs/")
     p.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS (or the last checkpoint)")

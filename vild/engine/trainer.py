@@ -22,6 +22,7 @@ from .checkpoint import (
     load_checkpoint,
     rng_state,
     set_rng_state,
+    teacher_mismatch,
 )
 from .curves import plot_training_curves
 from .distributed import init_distributed, resolve_device
@@ -145,11 +146,10 @@ class Trainer:
         return ds
 
     def _check_store_teacher(self, store) -> None:
-        ident = store.teacher
-        mine = self.teacher.identity
-        if ident and ident.get("sha256") and mine.get("sha256") and ident["sha256"] != mine["sha256"]:
-            raise ValueError(f"proposal store {self.cfg.DATASETS.PROPOSAL_STORE} was embedded by teacher {ident}, "
-                             f"but TEACHER is {mine}: recompute the store or point TEACHER.* at the same weights")
+        why = teacher_mismatch(store.teacher or {}, self.teacher.identity)
+        if why:
+            raise ValueError(f"proposal store {self.cfg.DATASETS.PROPOSAL_STORE} {why}: recompute the store or "
+                             f"point TEACHER.* at the same weights")
 
     def set_vocabulary(self, names: list, base_mask: list[bool] | None) -> None:
         """Embed ``names`` with the teacher and install them as the model's vocabulary."""
@@ -204,6 +204,8 @@ class Trainer:
                                     "statistics", self.device.type)
                 continue
             torch.nn.SyncBatchNorm.convert_sync_batchnorm(part)  # converts the part's layers in place
+            self.logger.info("SyncBN across %d processes in the %s", self.world_size,
+                             "backbone" if part is model.backbone else "RoI heads")
         ids = [self.device.index] if self.device.type == "cuda" else None
         self.model = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
 

@@ -125,11 +125,9 @@ class ViLDRoIHeads(nn.Module):
     def _mask_loss(self, features, rois, labels, matched, image_sizes, targets) -> torch.Tensor:
         pos = [lab > 0 for lab in labels]
         pos_rois = [r[p] for r, p in zip(rois, pos)]
-        if sum(len(r) for r in pos_rois) == 0:
-            # every mask parameter must still be in the graph: DDP (find_unused_parameters=False) expects
-            # a gradient from each one, and a crop with no object in it is common under large-scale jitter
-            params = [*self.mask_head.parameters(), *self.mask_predictor.parameters()]
-            return sum(p.sum() for p in params) * 0.0
+        # without a positive RoI (a crop with no object, common under large-scale jitter) the head still
+        # runs, on zero rows: DDP expects a gradient for every parameter, and SyncBN's collectives must
+        # meet the other ranks'; maskrcnn_loss gives 0 for no targets
         logits = self.mask_predictor(run_conv_stack(self.mask_head, self.mask_pooler(features, pos_rois, image_sizes)))
         gt_masks = [t["masks"] for t in targets]
         agnostic = [torch.zeros(len(t["labels"]), dtype=torch.long, device=logits.device) for t in targets]
