@@ -168,6 +168,15 @@ def test_bf16_autocast_and_non_finite_loss_stop(world, teacher_file, monkeypatch
     with pytest.raises(FloatingPointError, match="non-finite.*BASE_LR"):
         train_main(["--config", "tiny_test.yaml", *world_opts(world, teacher_file / "nan", max_iter=2, **{
             "SOLVER.BASE_LR": 1e30, "SOLVER.WARMUP_ITERS": 0, "DATASETS.TEST": []})])
+    # checked on a step that only checkpoints too: the step whose loss is non-finite saves nothing
+    out = teacher_file / "nan_ckpt"
+    with pytest.raises(FloatingPointError, match="non-finite") as e:
+        train_main(["--config", "tiny_test.yaml", *world_opts(world, out, max_iter=4, **{
+            "SOLVER.BASE_LR": 1e30, "SOLVER.WARMUP_ITERS": 0, "DATASETS.TEST": [], "SOLVER.LOG_PERIOD": 100,
+            "SOLVER.CHECKPOINT_PERIOD": 1})])
+    failed_at = int(str(e.value).split("by iteration ")[1].split(":")[0])
+    assert failed_at < 4 and [load_checkpoint(p)["iteration"] for p in sorted(out.glob("model_*.pth"))] == list(
+        range(1, failed_at))
 
 
 def test_atomic_save_leaves_no_temp_file_and_normal_permissions(tmp_path):
