@@ -414,3 +414,23 @@ def test_every_parameter_gets_a_gradient_without_objects_or_proposals(variant):
     sum(model([img, img], [empty, dict(empty)]).values()).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"no gradient for {missing[:5]}"
+
+
+def test_one_roialign_over_sampled_and_distillation_boxes_pools_each_box_as_alone():
+    """forward_train pools both kinds of boxes in one call and unzips them per image."""
+    from vild.modeling.roi_heads import _unzip
+    model = tiny_model("vild").eval()
+    batch, _ = model.preprocessor([scene(seed=s)[0] for s in range(2)])
+    features = model.backbone(batch.tensors)
+    g = torch.Generator().manual_seed(0)
+
+    def rand(n):
+        xy = torch.rand(n, 2, generator=g) * 60
+        return torch.cat([xy, xy + 10 + torch.rand(n, 2, generator=g) * 40], 1)
+
+    rois, d = [rand(5), rand(2)], [rand(3), rand(4)]
+    pool = model.roi_heads.box_pooler
+    sizes = [n for r, b in zip(rois, d) for n in (len(r), len(b))]
+    a, b = _unzip(pool(features, [torch.cat([r, x]) for r, x in zip(rois, d)], batch.image_sizes), sizes)
+    assert torch.equal(a, pool(features, rois, batch.image_sizes))
+    assert torch.equal(b, pool(features, d, batch.image_sizes))

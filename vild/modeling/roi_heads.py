@@ -98,18 +98,22 @@ class ViLDRoIHeads(nn.Module):
     def forward_train(self, features: dict, proposals: list[torch.Tensor], image_sizes: list, targets: list[dict]) -> dict:
         """Return the box, classification, distillation and mask losses."""
         rois, labels, matched, reg_targets = self.sample_rois(proposals, targets)
-        pooled = self.box_pooler(features, rois, image_sizes)
         distill = self.variant != "text"
-        if distill:
-            d_boxes, clip_embeds, valid = self._distill_inputs(targets, pooled.device)
-            d_pooled = self.box_pooler(features, d_boxes, image_sizes)
-        if self.variant == "vild":
-            # one pass through the shared head keeps BatchNorm statistics over both kinds of boxes
-            emb, deltas = self.text_head(torch.cat([pooled, d_pooled]))
-            emb, d_emb, deltas = emb[: len(pooled)], emb[len(pooled):], deltas[: len(pooled)]
+        if not distill:
+            emb, deltas = self.text_head(self.box_pooler(features, rois, image_sizes))
         else:
-            emb, deltas = self.text_head(pooled)
-            if distill:
+            d_boxes, clip_embeds, valid = self._distill_inputs(targets, rois[0].device)
+            # one RoIAlign over both kinds of boxes (rows per image: sampled, then distillation)
+            sizes = [n for r, d in zip(rois, d_boxes) for n in (len(r), len(d))]
+            both = self.box_pooler(features, [torch.cat([r, d]) for r, d in zip(rois, d_boxes)], image_sizes)
+            if self.variant == "vild":
+                # one pass through the shared head keeps BatchNorm statistics over both kinds of boxes
+                emb_both, deltas_both = self.text_head(both)
+                emb, d_emb = _unzip(emb_both, sizes)
+                deltas, _ = _unzip(deltas_both, sizes)
+            else:
+                pooled, d_pooled = _unzip(both, sizes)
+                emb, deltas = self.text_head(pooled)
                 d_emb, _ = self.image_head(d_pooled)
         labels_cat = torch.cat(labels)
         losses = {
@@ -179,3 +183,9 @@ class ViLDRoIHeads(nn.Module):
         if self.mask_on:
             self._predict_masks(features, image_sizes, results, rows)
         return results
+
+
+def _unzip(rows: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows laid out per image as [a_0, b_0, a_1, b_1, ...] (``sizes`` alternating) → (all a, all b)."""
+    parts = rows.split(sizes)
+    return torch.cat(parts[0::2]), torch.cat(parts[1::2])
