@@ -213,6 +213,7 @@ def main(argv=None) -> dict:
             pass
     log(f"device {device} ({machine['gpu'] or machine['cpu']}), size {args.size}, figures {names}")
     ctx = Context(args, device)
+    code_version = _code_version()
     t0 = time.perf_counter()
     for name in FIGURE_ORDER:
         if name not in names:
@@ -227,7 +228,7 @@ def main(argv=None) -> dict:
         fig["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         # a file merged from --only runs keeps each figure's own settings and code version
         fig["run_args"] = {k: v for k, v in vars(args).items() if k not in ("worker", "worker_model")}
-        fig["code_version"] = _code_version()
+        fig["code_version"] = code_version
         results["figures"][name] = fig
         results["targets"] = summary(results)
         results["wall_seconds"] = round(time.perf_counter() - t0, 1)

@@ -259,11 +259,13 @@ def _resolve_teacher_weights(pretrained: str, checkpoint_dir: Path, sha256: Opti
     training teacher's when several exist; open_clip tags pass through."""
     if not pretrained:
         return pretrained
-    found = [str(c) for c in (Path(pretrained), checkpoint_dir / pretrained, checkpoint_dir / Path(pretrained).name)
-             if c.is_file()]
-    if sha256:
+    # distinct files only: the teacher hashes the chosen one again, and CLIP weights are hundreds of MB
+    found = list({os.path.realpath(c): str(c) for c in (Path(pretrained), checkpoint_dir / pretrained,
+                                                        checkpoint_dir / Path(pretrained).name)
+                  if c.is_file()}.values())
+    if sha256 and len(found) > 1:
         from .teacher.clip_teacher import sha256_file
-        for cand in dict.fromkeys(found):
+        for cand in found:
             if sha256_file(cand) == sha256:
                 return cand
     return found[0] if found else pretrained  # an open_clip tag, or missing: CLIPTeacher says which

@@ -11,8 +11,8 @@ import torch
 
 from ..utils.atomic import atomic_save
 
-__all__ = ["FORMAT_VERSION", "atomic_save", "check_teacher", "teacher_mismatch", "export_checkpoint", "last_checkpoint", "load_checkpoint",
-           "rng_state", "set_rng_state"]
+__all__ = ["FORMAT_VERSION", "atomic_save", "check_teacher", "export_checkpoint", "last_checkpoint", "load_checkpoint",
+           "rng_state", "set_rng_state", "teacher_mismatch"]
 
 FORMAT_VERSION = 2  # 2: "rng" holds every rank's state, by rank (1: rank 0's only)
 

@@ -278,11 +278,12 @@ class Trainer:
                          spi, left)
             if save_now:
                 self._checkpoint(it + 1, optimizer, scaler, final=last)
-            if _every(cfg.TEST.EVAL_PERIOD, it) and not last:
+            eval_now = _every(cfg.TEST.EVAL_PERIOD, it) and not last  # the last one comes after the loop
+            if eval_now:
                 writer.write(it + 1, _flatten(self.test()))
                 self.set_vocabulary(self.vocabulary, [True] * len(self.vocabulary))
                 self.model.train()
-            if save_now or _every(cfg.TEST.EVAL_PERIOD, it):
+            if save_now or eval_now:
                 eta.restart(it + 1)
         writer.close()
         results = self.test() if cfg.DATASETS.TEST else {}
