@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test test-gpu demo demo-fast bench clean
+.PHONY: setup test test-gpu gpu-wheels demo demo-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,15 @@ test: setup
 # CUDA-only tests (tests/gpu); collected only where torch sees a GPU
 test-gpu: setup
 	$(PY) -m pytest -q tests/gpu
+
+# wheels a lent GPU machine (no package index there, Python 3.12) lacks, into .whl/ for `run`'s carry;
+# then, there: bash benchmarks/gpu_check.sh (see benchmarks/README.md)
+GPU_WHEELS ?= open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 pycocotools==2.0.11 lvis==0.5.3
+gpu-wheels:
+	@grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl $(GPU_WHEELS)
 
 demo: setup
 	$(PY) tools/demo.py $(DEMO_ARGS)

@@ -57,7 +57,7 @@ def test_lvis_train_drops_novel_and_keeps_base_vocabulary(world):
     base_anns = [a for a in data["annotations"] if a["category_id"] in base_ids]
     assert len(base_anns) < len(data["annotations"])  # the world has novel objects to remove
     assert len(ds) == len({a["image_id"] for a in base_anns})  # images with only novel objects dropped
-    labels = [ds._target(j)["labels"] for j in range(len(ds))]
+    labels = [ds.target(j)["labels"] for j in range(len(ds))]
     assert sum(len(x) for x in labels) == len(base_anns)
     assert all(int(x.max()) < len(ds.category_ids) for x in labels if len(x))
 
@@ -76,7 +76,7 @@ def test_lvis_test_set_keeps_all_with_base_mask_and_original_image(world):
     for box, m in zip(t["boxes"], t["masks"]):
         ys, xs = torch.nonzero(m, as_tuple=True)
         assert torch.allclose(box, torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float())
-    all_labels = torch.cat([ds._target(j)["labels"] for j in range(len(ds))])
+    all_labels = torch.cat([ds.target(j)["labels"] for j in range(len(ds))])
     assert any(not ds.base_mask[k] for k in all_labels.tolist())  # novel objects are labelled at test
 
 
@@ -90,7 +90,7 @@ def test_coco_ovd_split(coco_ovd_world):
     assert [not b for b in te.base_mask] == [n[0] in COCO_OVD_NOVEL for n in te.category_names]
     dropped_ids = {c["id"] for c in _json(coco_ovd_world["coco_val"])["categories"] if c["name"] in DROPPED}
     assert not dropped_ids & set(te.category_ids)
-    labels = torch.cat([te._target(j)["labels"] for j in range(len(te))])
+    labels = torch.cat([te.target(j)["labels"] for j in range(len(te))])
     assert set(labels.tolist()) <= set(range(len(te.category_ids)))
     assert {te.base_mask[k] for k in labels.tolist()} == {True, False}  # both base and novel objects at test
 

@@ -30,7 +30,7 @@ def coco_ovd_val(coco_ovd_world):
 
 def _perfect(ds):
     return [{"boxes": t["boxes"], "scores": torch.ones(len(t["boxes"])), "labels": t["labels"],
-             "masks": t["masks"].bool()} for t in (ds._target(j) for j in range(len(ds)))]
+             "masks": t["masks"].bool()} for t in (ds.target(j) for j in range(len(ds)))]
 
 
 def _noisy(ds, seed=0):
@@ -38,7 +38,7 @@ def _noisy(ds, seed=0):
     rng = np.random.default_rng(seed)
     outs = []
     for j in range(len(ds)):
-        t = ds._target(j)
+        t = ds.target(j)
         n, k = len(t["boxes"]), len(ds.category_ids)
         shift = rng.integers(-3, 4, size=(n, 2))
         boxes = t["boxes"] + torch.from_numpy(np.concatenate([shift, shift], 1)).float()
@@ -81,7 +81,7 @@ def test_lvis_perfect_predictions_score_100(lvis_val, tmp_path):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["segm"]["APr"] == pytest.approx(100.0)
     assert len(json.loads((tmp_path / "results_segm.json").read_text())) == sum(
-        len(lvis_val._target(j)["boxes"]) for j in range(len(lvis_val)))
+        len(lvis_val.target(j)["boxes"]) for j in range(len(lvis_val)))
 
 
 def test_coco_ovd_perfect_predictions_score_100(coco_ovd_val, tmp_path):

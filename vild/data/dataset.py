@@ -13,11 +13,17 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from ..utils.memory import release_freed_memory
 from .proposal_store import ProposalStore
+from .records import RecordList
 from .splits import apply_split
 from .transforms import DetectionTransform
 
 logger = logging.getLogger(__name__)
+
+# what a record keeps of the json's entries: all that reading an image and building its target needs
+_IMAGE_KEYS = ("id", "file_name", "coco_url", "height", "width")
+_ANN_KEYS = ("bbox", "category_id", "segmentation")
 
 
 def load_api(json_file: str | os.PathLike, evaluator_type: str) -> Any:
@@ -76,11 +82,13 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __init__(self, json_file: str | os.PathLike, image_root: str | os.PathLike, evaluator_type: str = "coco",
                  split: str = "all", train: bool = True, transforms: Callable | None = None,
                  proposal_store: ProposalStore | None = None, filter_empty: bool | None = None, name: str = "",
-                 unreadable: str | None = None, masks: bool = True):
+                 unreadable: str | None = None, masks: bool = True, keep_api: bool | None = None):
         """Load ``json_file``; ``filter_empty`` (default: ``train``) drops images left without annotations.
 
         ``masks=False`` leaves the ground-truth masks out of the targets: evaluation scores against the
         json, and the proposal-store writer needs none, so decoding every polygon would be wasted work.
+        ``keep_api`` (default: ``not train``) holds on to the json's official API object, which the evaluators
+        score against; dropped, ``api`` re-reads the json on first use.
         """
         self.name, self.json_file, self.image_root = name or Path(json_file).stem, str(json_file), Path(image_root)
         self.evaluator_type, self.split, self.train = evaluator_type, split, train
@@ -90,8 +98,27 @@ class DetectionDataset(torch.utils.data.Dataset):
             raise ValueError(f"unreadable={unreadable!r}: expected 'next', 'raise' or 'skip'")
         self.transforms = transforms or DetectionTransform(None)
         self.proposal_store = proposal_store
-        self.api = load_api(json_file, evaluator_type)
-        imgs, img_anns, cats = _api_tables(self.api)
+        api = load_api(json_file, evaluator_type)
+        records = self._index(api, split, train, train if filter_empty is None else filter_empty)
+        self.image_ids: list[int] = [r[0]["id"] for r in records]
+        # one byte buffer instead of millions of Python objects: loader workers share it (see records.py)
+        self._records = RecordList(records)
+        del records
+        # the records are all that reading images needs; the API object (4 GB for LVIS train) is kept for the
+        # evaluators only, as its million objects cost memory in every rank (and in every forked worker whose
+        # garbage collector walks them)
+        keep = not train if keep_api is None else keep_api
+        self._api = api if keep else None
+        del api
+        if not keep:
+            release_freed_memory()
+        self.num_unreadable = 0
+        self.missing_proposals = 0
+        self._bad: set[int] = set()
+
+    def _index(self, api: Any, split: str, train: bool, filter_empty: bool) -> list[tuple[dict, list[dict]]]:
+        """Apply the split to the categories (sets the vocabulary) and collect each kept image's record."""
+        imgs, img_anns, cats = _api_tables(api)
         kept, base_mask = apply_split(list(cats.values()), split)
         if train:
             kept, base_mask = [c for c, b in zip(kept, base_mask) if b], [True] * sum(base_mask)
@@ -100,19 +127,24 @@ class DetectionDataset(torch.utils.data.Dataset):
             [c["name"]] + [s for s in c.get("synonyms", []) if s != c["name"]] for c in kept]
         self.base_mask: list[bool] = base_mask
         self._label = {cid: i for i, cid in enumerate(self.category_ids)}
-        filter_empty = train if filter_empty is None else filter_empty
-        self._records: list[tuple[dict, list[dict]]] = []
+        records = []
         for img_id in sorted(imgs):
             all_anns = [a for a in img_anns.get(img_id, []) if a["category_id"] in self._label]
             anns = [a for a in all_anns if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1]
             # COCO OVD test sets keep only images showing one of the 65 classes (the benchmark's 4836)
             if (filter_empty and not anns) or (split == "coco_ovd" and not train and not all_anns):
                 continue
-            self._records.append((imgs[img_id], anns))
-        self.image_ids: list[int] = [r[0]["id"] for r in self._records]
-        self.num_unreadable = 0
-        self.missing_proposals = 0
-        self._bad: set[int] = set()
+            # copies of the fields targets need: nothing of the json outlives this call unless the API is kept
+            records.append(({k: imgs[img_id][k] for k in _IMAGE_KEYS if k in imgs[img_id]},
+                            [{k: a[k] for k in _ANN_KEYS if k in a} for a in anns]))
+        return records
+
+    @property
+    def api(self) -> Any:
+        """The official ``COCO`` / ``LVIS`` object of the json (re-read on first use for a training set)."""
+        if self._api is None:
+            self._api = load_api(self.json_file, self.evaluator_type)
+        return self._api
 
     def __len__(self) -> int:
         return len(self._records)
@@ -144,7 +176,8 @@ class DetectionDataset(torch.utils.data.Dataset):
             j = (idx + k) % len(self)
             if j in self._bad:
                 continue
-            image, problem = self._read(self._records[j][0])
+            img, anns = self._records[j]
+            image, problem = self._read(img)
             if image is None:
                 if self.unreadable == "raise":
                     raise RuntimeError(f"{problem}: dataset {self.name} is scored on every image, so none is "
@@ -155,11 +188,14 @@ class DetectionDataset(torch.utils.data.Dataset):
                 if self.unreadable == "skip":
                     return None
                 continue
-            return self.transforms(image, self._target(j))
+            return self.transforms(image, self._build_target(img, anns))
         raise RuntimeError(f"dataset {self.name}: no readable image at all under {self.image_root}")
 
-    def _target(self, j: int) -> dict:
-        img, anns = self._records[j]
+    def target(self, idx: int) -> dict:
+        """The ground truth of image ``idx`` (before transforms), without reading the image."""
+        return self._build_target(*self._records[idx])
+
+    def _build_target(self, img: dict, anns: list[dict]) -> dict:
         h, w = img["height"], img["width"]
         boxes = torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in (a["bbox"] for a in anns)],
                              dtype=torch.float32).reshape(-1, 4)

@@ -1,6 +1,7 @@
 """Datasets from the catalog, and the training (infinite, seeded, rank-sharded) and test data loaders."""
 from __future__ import annotations
 
+import gc
 import itertools
 import random
 from typing import Any, Iterator
@@ -19,7 +20,7 @@ from .transforms import build_transforms
 
 def build_dataset(cfg: Any, name: str, train: bool, proposal_store: ProposalStore | str | None = None,
                   filter_empty: bool | None = None, unreadable: str | None = None,
-                  masks: bool = True) -> DetectionDataset:
+                  masks: bool = True, keep_api: bool | None = None) -> DetectionDataset:
     """Resolve ``name`` through the catalog; training sets open cfg.DATASETS.PROPOSAL_STORE when none is given."""
     meta = get_dataset_meta(name, cfg)
     if proposal_store is None and train and cfg.DATASETS.PROPOSAL_STORE:
@@ -28,7 +29,7 @@ def build_dataset(cfg: Any, name: str, train: bool, proposal_store: ProposalStor
         proposal_store = ProposalStore(proposal_store)
     return DetectionDataset(meta.json_file, meta.image_root, meta.evaluator_type, meta.split, train,
                             build_transforms(cfg, train), proposal_store, filter_empty=filter_empty, name=name,
-                            unreadable=unreadable, masks=masks)
+                            unreadable=unreadable, masks=masks, keep_api=keep_api)
 
 
 def trivial_collate(batch: list) -> tuple[list, list]:
@@ -81,6 +82,9 @@ class InferenceSampler(Sampler[int]):
 
 
 def _worker_init(worker_id: int) -> None:
+    # the collector's passes write to every container object the worker inherited (the evaluators' json API,
+    # the model): frozen, they stay in the pages shared with the parent instead of being copied per worker
+    gc.freeze()
     seed = torch.initial_seed() % 2**32  # distinct per worker, derived from the loader's seeded generator
     np.random.seed(seed)
     random.seed(seed)

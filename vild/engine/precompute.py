@@ -103,7 +103,7 @@ def precompute_clip_proposals(cfg: CfgNode, teacher, out_dir: str | Path, model:
     # the raw images, untransformed: boxes are stored in original pixels and augmented at training time
     # an unreadable image is left out (and stays pending): a stand-in could belong to another shard
     dataset = build_dataset(cfg, cfg.DATASETS.TRAIN[0], train=False, filter_empty=False, unreadable="skip",
-                            masks=False)
+                            masks=False, keep_api=False)
     writer = ProposalStoreWriter(out_dir, shard_index, num_shards, dataset.image_ids, m, teacher.embed_dim,
                                  teacher=teacher.identity, crop_scales=list(teacher.crop_scales))
     pending = set(writer.pending())
