@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -251,6 +252,7 @@ def training(ctx: Context) -> dict:
             cmd += ["--vild-opts", " ".join(a.vild_opts)] if a.vild_opts else []
             cmd += ["--threads", str(a.threads)] if a.threads else []
             cmd += ["--roi-batch", str(a.roi_batch)] if a.roi_batch else []
+            cmd += ["--profile-train" if a.profile_train and r == 0 else "--no-profile-train"]
             log(f"training round {r + 1}/{a.train_rounds}: {kind} in a fresh process")
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
             if proc.returncode != 0:
@@ -269,7 +271,8 @@ def training(ctx: Context) -> dict:
         out[kind] = {"steps_per_s": round(sps[kind], 4), "images_per_s": round(sps[kind] * a.train_batch, 4),
                      "step_seconds": [round(s, 4) for s in steps],
                      "peak_memory_mib": max(r["peak_memory_mib"] for r in rs),
-                     "memory_measure": rs[0]["memory_measure"], "losses": rs[-1]["losses"]}
+                     "memory_measure": rs[0]["memory_measure"], "losses": rs[-1]["losses"],
+                     "profiled_step": rs[0].get("profile")}
     ratio = sps["vild"] / sps["torchvision"]
     out["ratio"] = round(ratio, 3)
     out["memory_ratio"] = round(out["vild"]["peak_memory_mib"] / max(1e-9, out["torchvision"]["peak_memory_mib"]), 3)
@@ -361,6 +364,7 @@ def train_worker(args) -> dict:
         if i >= args.warmup:
             times.append(dt)
     flops = _flops(step)  # after the timed steps: the counting mode slows a step down
+    profile = _profile_step(step, dev) if args.profile_train else None
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20
         measure = "torch.cuda.max_memory_allocated (weights, gradients, optimizer state, activations)"
@@ -378,7 +382,55 @@ def train_worker(args) -> dict:
                  "sampled_rss_delta_mib": round((sampled["max_kib"] - sampled["start_kib"]) / 1024, 1)}
     return {"model": kind, "step_seconds": times, "gflop_per_step": round(flops / 1e9, 2),
             "peak_memory_mib": round(peak, 1), "memory_measure": measure,
-            "losses": {k: round(float(v.detach()), 4) for k, v in losses.items()}, **extra}
+            "losses": {k: round(float(v.detach()), 4) for k, v in losses.items()}, "profile": profile, **extra}
+
+
+def _profile_step(fn, device: torch.device, top: int = 8) -> dict:
+    """One call of ``fn`` under torch.profiler: where a step's time goes, and on a GPU how busy the GPU was.
+
+    ``device_busy_ms`` sums the kernels' durations (one stream: they do not overlap); far below ``wall_ms``
+    means the GPU waited for the host (Python, op dispatch, synchronisations), not for arithmetic.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        wall = time.perf_counter() - t
+    events = prof.events()
+    names = [e.name for e in events if e.device_type == DeviceType.CPU]
+    out = {"wall_ms": round(wall * 1e3, 1), "aten_ops": sum(n.startswith("aten::") for n in names),
+           # ops whose output size depends on values: on a GPU each waits for the device (a host sync)
+           "sync_ops": {n: names.count(n) for n in _SYNC_OPS if n in names},
+           "top_ops_self_cpu_ms": _top(prof, "self_cpu_time_total", top)}
+    if cuda:
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+        out.update({"device_busy_ms": round(busy, 1), "device_busy_fraction": round(busy / (wall * 1e3), 3),
+                    "kernels": len(kernels),
+                    "runtime_sync_and_copy_calls": {n: names.count(n) for n in _SYNC_CALLS if n in names},
+                    "top_ops_self_device_ms": _top(prof, "self_device_time_total", top)})
+    return out
+
+
+_SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2", "torchvision::nms")
+_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+               "cudaMemcpyAsync")
+
+
+def _top(prof, attr: str, n: int) -> list:
+    rows = []
+    for e in prof.key_averages():
+        v = getattr(e, attr, None)
+        if v is None and attr == "self_device_time_total":
+            v = getattr(e, "self_cuda_time_total", 0)  # older torch
+        if v:
+            rows.append((e.key, round(v / 1e3, 2), e.count))
+    return sorted(rows, key=lambda r: -r[1])[:n]
 
 
 def _flops(fn) -> float:

@@ -32,21 +32,21 @@ PRESETS = {
                 detections=300, crop_proposals=16, crop_repeats=2, train_batch=2, train_steps=2, train_rounds=1,
                 train_dtype="fp32", distill_proposals=300, precompute_images=1, precompute_proposals=16,
                 precompute_workers=0, precompute_batch=1, vocab_names=16, swap_repeats=20, clip_model="ViT-B-32",
-                breakdown=True,
+                breakdown=True, profile_train=False,
                 # one thread: on a shared, oversubscribed machine every multi-threaded op waits at its OpenMP
                 # barrier for a descheduled thread (~8 ms per op), which swamps op-heavy code (see README)
                 threads=1),
     "cuda": dict(size=1024, batches=[1, 8], dtypes=["fp32", "bf16"], warmup=2, repeats=5, proposals=None,
-                 detections=300, crop_proposals=300, crop_repeats=3, train_batch=8, train_steps=5, train_rounds=2,
+                 detections=300, crop_proposals=300, crop_repeats=3, train_batch=8, train_steps=10, train_rounds=2,
                  train_dtype="bf16", distill_proposals=300, precompute_images=64, precompute_proposals=300,
                  precompute_workers=6, precompute_batch=16, vocab_names=1203, swap_repeats=50,
-                 clip_model="ViT-B-32", breakdown=True),
+                 clip_model="ViT-B-32", breakdown=True, profile_train=True),
     # a seconds-long pass through every code path (tests/test_benchmarks.py); its numbers mean nothing
     "smoke": dict(size=64, batches=[1], dtypes=["fp32", "bf16"], warmup=0, repeats=1, roi_batch=32, proposals=50, detections=20,
                   crop_proposals=4, crop_repeats=1, train_batch=1, train_steps=1, train_rounds=1, train_dtype="fp32",
                   distill_proposals=20, precompute_images=2, precompute_proposals=2, precompute_workers=1,
                   precompute_batch=2, vocab_names=2, swap_repeats=3,
-                  clip_model="vild-test-micro", breakdown=True, threads=1),
+                  clip_model="vild-test-micro", breakdown=True, profile_train=True, threads=1),
 }
 FIGURE_ORDER = ["inference", "crops", "training", "precompute", "vocabulary"]
 
@@ -85,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--vild-opts", type=lambda s: s.split(), default=[],
                    help='ablations: ViLD config overrides, e.g. "MODEL.ROI_BOX_HEAD.NUM_CONV 0 MODEL.ROI_BOX_HEAD.NUM_FC 2"')
     g.add_argument("--no-breakdown", dest="breakdown", action="store_false", default=None)
+    g.add_argument("--profile-train", action=argparse.BooleanOptionalAction, default=None,
+                   help="profile one training step of each model (first round): GPU busy time, kernels, top ops")
     # internal: one model's training steps in a fresh process (for clean peak-memory numbers)
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--worker-model", default="", help=argparse.SUPPRESS)
@@ -174,6 +176,11 @@ def markdown(results: dict) -> str:
                          f"{t['torchvision']['gflop_per_s']:.0f} | {t['flops']['flop_rate_ratio']:.2f}× | — |")
         lines.append(f"| training peak memory (MiB) | {t['vild']['peak_memory_mib']:.0f} | "
                      f"{t['torchvision']['peak_memory_mib']:.0f} | {t['memory_ratio']:.2f}× | — |")
+        pv, pt = (t[k].get("profiled_step") or {} for k in ("vild", "torchvision"))
+        if "device_busy_fraction" in pv and "device_busy_fraction" in pt:
+            lines.append(f"| training: GPU busy in a profiled step (ms of kernels / ms wall) | "
+                         f"{pv['device_busy_ms']:.0f} / {pv['wall_ms']:.0f} | {pt['device_busy_ms']:.0f} / "
+                         f"{pt['wall_ms']:.0f} | — | — |")
     pc = figs.get("precompute")
     if pc:
         lines.append(f"| precompute ({pc['crops_per_image']} crops/img; img/s) | {pc['writer']['images_per_s']:.3f} | "

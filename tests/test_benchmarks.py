@@ -51,6 +51,11 @@ def test_benchmark_smoke_writes_wellformed_json(tmp_path):
         assert _finite(tr[k]["steps_per_s"])
         assert isinstance(tr[k]["peak_memory_mib"], (int, float))
     assert "loss_distill" in tr["vild"]["losses"]
+    for k in ("vild", "torchvision"):  # one profiled step per model (on a GPU: how busy the GPU was)
+        prof = tr[k]["profiled_step"]
+        assert prof["wall_ms"] > 0 and prof["aten_ops"] > 100
+        assert prof["sync_ops"]["aten::nonzero"] >= 1 and prof["sync_ops"]["torchvision::nms"] >= 1  # RPN's NMS
+        assert prof["top_ops_self_cpu_ms"] and all(ms >= 0 and n >= 1 for _, ms, n in prof["top_ops_self_cpu_ms"])
     # the distillation RoIs go through the head too: more work per step than torchvision's
     assert tr["vild"]["gflop_per_step"] > 0 and tr["torchvision"]["gflop_per_step"] > 0
     assert tr["flops"]["ratio_at_equal_flop_rate"] == pytest.approx(
