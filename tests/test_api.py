@@ -287,6 +287,24 @@ def test_score_threshold_and_max_dets(det):
     assert len(det(scene())) == 0
 
 
+def test_results_keep_the_models_masks_without_a_copy_unless_rows_are_dropped(det, monkeypatch):
+    """Masks are [n, H, W] bytes (2.4 GB for 100 detections on a 24-megapixel photo): a copy that drops
+    nothing would double the peak; rows below the threshold or over max_dets are still dropped."""
+    n, h, w = 5, 48, 64
+    out = {"boxes": torch.rand(n, 4) * 40, "scores": torch.tensor([0.9, 0.8, 0.7, 0.2, 0.1]),
+           "labels": torch.zeros(n, dtype=torch.long), "masks": torch.rand(n, h, w) > 0.5}
+    monkeypatch.setattr(det.model, "forward", lambda images: [dict(out)])
+    det.score_thresh, det.max_dets = 0.05, 50
+    r = det(scene(h, w))
+    assert r.masks.data_ptr() == out["masks"].data_ptr() and len(r) == n
+    det.score_thresh = 0.5
+    r = det(scene(h, w))
+    assert torch.equal(r.masks, out["masks"][:3]) and torch.equal(r.scores, out["scores"][:3])
+    det.score_thresh, det.max_dets = 0.05, 2
+    r = det(scene(h, w))
+    assert torch.equal(r.masks, out["masks"][:2]) and r.names == [det.names[0]] * 2
+
+
 def test_to_coco_json_and_save(det, tmp_path):
     r = det(scene())
     dets = r.to_coco_json(image_id=7, category_ids={"circle": 11, "square": 12, "triangle": 13})

@@ -268,6 +268,9 @@ def test_batched_mask_paste_matches_naive_and_torchvision():
     union = (ours | ref).sum((1, 2)).float()
     iou = inter[union > 0] / union[union > 0]
     assert iou.mean() > 0.9 and iou.min() > 0.7  # torchvision rounds boxes to whole pixels; we do not
+    # a memory budget below one float image pastes one mask at a time: the same masks
+    assert torch.equal(paste_masks(probs, boxes, h, w, chunk_bytes=1), ours)
+    assert torch.equal(paste_masks(probs, boxes, h, w, chunk_bytes=7 * 4 * h * w), ours)  # chunks of 7, last of 5
 
 
 def test_masks_are_computed_once_per_distinct_box():

@@ -230,9 +230,11 @@ class Detector:
         results = []
         for im, out, src in zip(images, outputs, sources or [None] * len(images)):
             keep = torch.nonzero(out["scores"] >= self.score_thresh).squeeze(1)[:self.max_dets]
-            labels = out["labels"][keep].cpu()
-            masks = out["masks"][keep].cpu() if "masks" in out else None
-            results.append(DetectionResult(out["boxes"][keep].float().cpu(), out["scores"][keep].float().cpu(),
+            if len(keep) < len(out["scores"]):  # the model thresholds already: usually nothing to drop, and
+                out = {k: v[keep] for k, v in out.items()}  # indexing would copy masks of [n, H, W] bytes
+            labels = out["labels"].cpu()
+            masks = out["masks"].cpu() if "masks" in out else None
+            results.append(DetectionResult(out["boxes"].float().cpu(), out["scores"].float().cpu(),
                                            labels, masks, [names[int(k)] for k in labels], im.cpu(), names, src))
         return results
 

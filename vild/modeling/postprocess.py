@@ -66,12 +66,18 @@ def _paste_weights(lo: torch.Tensor, hi: torch.Tensor, size: int, length: int) -
     return _paste_weights_t(lo, hi, size, length).transpose(1, 2)
 
 
+# the float images of one chunk: 64 images of 1024x1024 take 256 MiB; a 24-megapixel photo takes 2 per chunk
+# (a fixed 64 took 6 GB there)
+CHUNK_BYTES = 256 * 2 ** 20
+
+
 def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int, threshold: float = 0.5,
-                chunk: int = 64) -> torch.Tensor:
+                chunk: int = 64, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
     """Paste [n, m, m] mask probabilities into boxes of an image at once: bool [n, height, width].
 
     Bilinear resampling is separable, so each pasted mask is Wy · M · Wxᵀ: two batched matmuls
-    instead of one interpolation per detection; chunks bound the memory of the float images. The
+    instead of one interpolation per detection; chunks (at most ``chunk`` masks and ``chunk_bytes`` of
+    float images) bound the memory beyond the output. The
     weights and Wy · M are computed for all detections at once (they are small: [n, H or W, m]);
     each chunk's float image goes into one buffer reused across chunks and the comparison writes
     straight into the output (no fresh chunk-sized allocations: on CPUs those are page faults).
@@ -81,6 +87,7 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: in
     if n == 0:
         return out
     with torch.autocast(masks.device.type, enabled=False):  # fp32 resampling, whatever the caller autocasts
+        chunk = max(1, min(chunk, chunk_bytes // (4 * height * width)))
         return _paste(masks.reshape(n, m, m).float(), boxes.float(), out, height, width, threshold, chunk)
 
 
