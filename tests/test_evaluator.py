@@ -103,6 +103,15 @@ def test_lvis_equals_official(lvis_val, tmp_path):
         for k in ("AP", "AP50", "AP75", "APr", "APc", "APf"):
             assert m[iou][k] == pytest.approx(100 * ref[k], abs=1e-9), (iou, k)
         assert 5 < m[iou]["AP"] < 95  # the noise matters: not a trivial 0 or 100
+    _assert_results_unmodified(tmp_path)
+
+
+def _assert_results_unmodified(folder):
+    """The official loaders add area, id, iscrowd (and a box or polygon) to each result dict: not to ours."""
+    common = {"image_id", "category_id", "score"}
+    for iou, key in (("bbox", "bbox"), ("segm", "segmentation")):
+        saved = json.loads((folder / f"results_{iou}.json").read_text())
+        assert saved and all(set(r) == common | {key} for r in saved), (iou, saved[0])
 
 
 def test_coco_ovd_equals_official(coco_ovd_val, tmp_path):
@@ -123,6 +132,7 @@ def test_coco_ovd_equals_official(coco_ovd_val, tmp_path):
             assert m[iou][f"AP_{name}"] == pytest.approx(100 * E.stats[0], abs=1e-9), (iou, name)
         assert m[iou]["AP"] == m[iou]["AP_all"] and 5 < m[iou]["AP50_all"] < 95
         assert set(m[iou]["per_category"]) == {n[0] for n in ds.category_names}
+    _assert_results_unmodified(tmp_path)
 
 
 def test_empty_predictions_score_zero(lvis_val, coco_ovd_val, tmp_path):

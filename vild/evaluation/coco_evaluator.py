@@ -22,7 +22,7 @@ def load_coco_results(gt: COCO, results: list[dict]) -> COCO:
     """``gt.loadRes(results)``, also for an empty list (which loadRes cannot take)."""
     if results:
         with contextlib.redirect_stdout(io.StringIO()):
-            return gt.loadRes(copy.deepcopy(results))  # loadRes adds fields in place
+            return gt.loadRes([dict(r) for r in results])  # loadRes sets top-level keys in place
     dt = COCO()
     dt.dataset = {"images": list(gt.dataset["images"]), "categories": copy.deepcopy(gt.dataset["categories"]),
                   "annotations": []}
