@@ -190,6 +190,34 @@ def test_unreadable_test_image_stops_evaluation_and_skip_mode_returns_none(world
     assert skip[1] is None and skip[1] is None and skip[2][1]["image_id"] == skip.image_ids[2]
 
 
+def test_exif_rotated_photos_load_in_the_frame_the_json_was_annotated_in(world, tmp_path):
+    """A photo stored 40 x 100 with EXIF "rotate 90°": upright (100 x 40) when the json says so, as stored
+    when the json gives the stored size; a size matching neither is still an error."""
+    from PIL import Image
+    raw = np.zeros((40, 100, 3), np.uint8)
+    raw[:, :10] = 255  # a white stripe on the stored bitmap's left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    (tmp_path / "img").mkdir()
+    Image.fromarray(raw).save(tmp_path / "img" / "p.jpg", exif=exif.tobytes(), quality=95)
+    for (h, w), stripe_top in (((100, 40), True), ((40, 100), False)):
+        js = tmp_path / f"{h}x{w}.json"
+        js.write_text(json.dumps({"images": [{"id": 1, "file_name": "p.jpg", "height": h, "width": w}],
+                                  "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5],
+                                                   "area": 25, "iscrowd": 0, "segmentation": []}],
+                                  "categories": [{"id": 1, "name": "thing"}]}))
+        image, _ = DetectionDataset(js, tmp_path / "img", "coco", "all", train=False)[0]
+        assert tuple(image.shape) == (3, h, w)
+        # upright, the stored left edge is the top; as stored, it stays the left edge
+        top, left = image[:, :5].float().mean() > 200, image[:, :, :5].float().mean() > 200
+        assert top == stripe_top and left != stripe_top
+    js = tmp_path / "wrong.json"
+    js.write_text(json.dumps({"images": [{"id": 1, "file_name": "p.jpg", "height": 50, "width": 50}],
+                              "annotations": [], "categories": [{"id": 1, "name": "thing"}]}))
+    with pytest.raises(RuntimeError, match=r"is \(100, 40\) on disk but \(50, 50\) in the json"):
+        DetectionDataset(js, tmp_path / "img", "coco", "all", train=False)[0]
+
+
 def test_polygons_too_short_for_a_shape_fall_back_to_the_box():
     """pycocotools reads a 4-number polygon as a box and fails on fewer; detectron2 drops such polygons."""
     m = decode_mask([[1, 1, 5, 5]], [2, 3, 4, 5], 10, 12)

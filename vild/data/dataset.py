@@ -164,8 +164,13 @@ class DetectionDataset(torch.utils.data.Dataset):
         if arr is None:
             return None, f"unreadable image {path} (id {img['id']})"
         if arr.shape[:2] != (img["height"], img["width"]):
-            return None, (f"image {path} (id {img['id']}) is {arr.shape[:2]} on disk but "
-                          f"{(img['height'], img['width'])} in the json")
+            # OpenCV turns photos upright by their EXIF orientation (so do detectron2 and most annotation
+            # tools); a json whose size is the stored bitmap's was annotated on the stored pixels instead
+            raw = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+            if raw is None or raw.shape[:2] != (img["height"], img["width"]):
+                return None, (f"image {path} (id {img['id']}) is {arr.shape[:2]} on disk but "
+                              f"{(img['height'], img['width'])} in the json")
+            arr = raw
         return torch.from_numpy(cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).contiguous(), ""
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, dict] | None:
