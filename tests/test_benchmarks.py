@@ -88,3 +88,25 @@ def test_the_gpu_test_module_imports_here():
     finally:
         sys.path.remove(str(gpu_dir.parent))
     assert [n for n in dir(mod) if n.startswith("test_")]
+
+
+def test_side_benchmarks_run_and_write_their_figures(tmp_path):
+    """benchmarks/loader_memory.py and detect_folder.py at toy sizes: the code paths, not the numbers."""
+    out = tmp_path / "mem.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loader_memory.py"), "--images", "300",
+                           "--annotations", "3000", "--cache", str(tmp_path), "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    mem = json.loads(out.read_text())
+    assert mem["dataset"]["images"] > 0 and mem["dataset"]["records_mib"] > 0
+    # the Python-object baseline copies pages as a worker reads it; the shared buffer does not
+    assert mem["worker_growth_mib"]["python_objects_baseline"] > mem["worker_growth_mib"]["record_list"]
+
+    out = tmp_path / "detect.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "detect_folder.py"), "--images", "6",
+                           "--size", "160x120", "--batch-size", "2", "--repeats", "1", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    det = json.loads(out.read_text())
+    assert set(det["images_per_s"]) == {"model_only", "serial", "pipeline"}
+    assert all(_finite(v) and v > 0 for v in det["images_per_s"].values())

@@ -198,3 +198,28 @@ def test_a_repeated_name_on_the_command_line_is_dropped_with_a_warning(ckpt, ima
         assert run(ckpt, images["color.png"], tmp_path / "out", "--vocab", "circle,Circle,square", "--json") == 0
     names = {d["category_name"] for d in json.loads((tmp_path / "out" / "detections.json").read_text())}
     assert names <= {"circle", "square"}
+
+
+def test_pipelined_folder_run_equals_the_serial_detector_in_input_order(ckpt, images, tmp_path):
+    """Reading ahead and writing behind the model (I/O threads) changes nothing: the same images, detections
+    and ids as one Detector call per image in file order, with the unreadable files between them skipped."""
+    from vild import Detector
+    from vild.io import read_image
+    rc = run(ckpt, images["color.png"].parent, tmp_path / "out", "--vocab", "kite,circle", "--json",
+             "--batch-size", "2")
+    assert rc == 1
+    got = json.loads((tmp_path / "out" / "detections.json").read_text())
+    det = Detector.from_checkpoint(ckpt, device="cpu", vocabulary="kite,circle", max_dets=5, score_thresh=0.0)
+    files = sorted(p for p in images["color.png"].parent.iterdir() if p.is_file())
+    ids = {f: i + 1 for i, f in enumerate(files)}  # handed out in file order, the skipped files' included
+    good = [f for f in files if f.name in GOOD]
+    want = []
+    for k in range(0, len(good), 2):  # batches of two readable images, as the command forms them
+        for f, r in zip(good[k:k + 2], det([read_image(f) for f in good[k:k + 2]])):
+            want += [{**d, "file_name": str(f)} for d in r.to_coco_json(ids[f], [1, 2])]  # vocabulary order, from 1
+    assert [d["file_name"] for d in got] == [d["file_name"] for d in want] and len(got) > len(GOOD)
+    for g, w in zip(got, want):
+        assert (g["image_id"], g["category_id"], g["category_name"]) == (w["image_id"], w["category_id"],
+                                                                          w["category_name"])
+        assert g["bbox"] == pytest.approx(w["bbox"], abs=0.02) and g["score"] == pytest.approx(w["score"], abs=1e-4)
+        assert g["segmentation"] == w["segmentation"]

@@ -89,8 +89,10 @@ class DetectionResult:
         from pycocotools import mask as mask_util
         if not len(self):
             return []
-        # one call over all masks: pycocotools takes a Fortran-ordered [H, W, n] uint8 array
-        rles = mask_util.encode(np.asfortranarray(self.masks.permute(1, 2, 0).numpy().astype(np.uint8)))
+        # one call over all masks: pycocotools takes a Fortran-ordered [H, W, n] uint8 array, which is the
+        # memory of a C-ordered [n, W, H] one: one transposing copy, and bool → uint8 as a view
+        f = self.masks.bool().transpose(1, 2).contiguous().view(torch.uint8).numpy()
+        rles = mask_util.encode(f.transpose(2, 1, 0))
         for r in rles:
             r["counts"] = r["counts"].decode("ascii")  # JSON needs text
         return rles

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import os
 import sys
 import tempfile
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from typing import Optional
 
@@ -183,34 +184,69 @@ class _Run:
         self.next_id = 1
 
     def images(self, paths: list[Path]) -> None:
-        """Detect in every readable image; report the others by path and go on."""
+        """Detect in every readable image; report the others by path and go on.
+
+        I/O threads keep the model busy: they read the next batch while the model runs, and draw, write and
+        RLE-encode the previous batches (decoding, drawing and encoding release the GIL). Results are recorded
+        in input order.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
         from tqdm import tqdm
 
         from .io import ImageReadError, read_image
-        bar = tqdm(total=len(paths), unit="img", desc="detect", file=sys.stderr)
-        batch: list = []
-        for path in paths:
-            image_id, self.next_id = self.next_id, self.next_id + 1
+
+        def read(path: Path):
             try:
-                batch.append((path, image_id, read_image(path)))
+                return read_image(path)
             except ImageReadError as e:
-                self._fail(path, e.reason, str(e), bar)
-                bar.update(1)
-            if len(batch) == self.det.batch_size:
-                self._flush(batch, bar)
-        self._flush(batch, bar)
+                return e
+
+        bar = tqdm(total=len(paths), unit="img", desc="detect", file=sys.stderr)
+        bs = self.det.batch_size
+        with ThreadPoolExecutor(max_workers=3, thread_name_prefix="vild-detect-io") as pool:
+            todo, reads, writes, batch = iter(paths), deque(), [], []
+            for path in itertools.islice(todo, 2 * bs):  # reads run up to two batches ahead
+                reads.append((path, pool.submit(read, path)))
+            while reads:
+                path, future = reads.popleft()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    reads.append((nxt, pool.submit(read, nxt)))
+                image, (image_id, self.next_id) = future.result(), (self.next_id, self.next_id + 1)
+                if isinstance(image, ImageReadError):
+                    self._fail(path, image.reason, str(image), bar)
+                    bar.update(1)
+                    continue
+                batch.append((path, image_id, image))
+                if len(batch) == bs:
+                    self._detect_batch(batch, pool, writes, bar)
+                    batch = []
+            if batch:
+                self._detect_batch(batch, pool, writes, bar)
+            self._collect(writes)
         bar.close()
 
-    def _flush(self, batch: list, bar) -> None:
-        if not batch:
-            return
+    def _detect_batch(self, batch: list, pool, writes: list, bar) -> None:
         results = self.det.predict([im for _, _, im in batch], [str(p) for p, _, _ in batch])
-        for (path, image_id, _), r in zip(batch, results):
-            r.save(self._out_path(path, path.suffix if path.suffix.lower() in _KEEP_SUFFIXES else ".png"))
-            self._record(r, path, image_id)
-        self.num_images += len(batch)
-        bar.update(len(batch))
-        batch.clear()
+        self._collect(writes[:-1])  # at most two batches' writes in flight
+        del writes[:-1]
+        out = [self._out_path(p, p.suffix if p.suffix.lower() in _KEEP_SUFFIXES else ".png") for p, _, _ in batch]
+        writes.append((pool.submit(self._write_batch, batch, results, out), len(batch), bar))
+
+    def _write_batch(self, batch: list, results: list, out: list[Path]) -> list[dict]:
+        """Annotated images to ``out``; the batch's COCO results (runs on the I/O thread)."""
+        dets: list[dict] = []
+        for (path, image_id, _), r, dst in zip(batch, results, out):
+            r.save(dst)
+            dets += self._coco_results(r, path, image_id)
+        return dets
+
+    def _collect(self, writes: list) -> None:
+        for future, n, bar in writes:
+            self.detections += future.result()  # re-raises a failed write here
+            self.num_images += n
+            bar.update(n)
 
     def video(self, path: Path) -> None:
         """Annotate every frame of a video into an mp4 (mp4v) in the output folder."""
@@ -257,16 +293,20 @@ class _Run:
         self.num_videos += 1
 
     def _record(self, result, path: Path, image_id: int, frame: Optional[int] = None) -> None:
+        self.detections += self._coco_results(result, path, image_id, frame)
+
+    def _coco_results(self, result, path: Path, image_id: int, frame: Optional[int] = None) -> list[dict]:
         if self.ids is None:
-            return
+            return []
         image_id = self.ids.image_id(path, image_id)
         if image_id is None:
-            return  # not in the ground truth: annotated, but no ids for the results file
-        for d in result.to_coco_json(image_id, self.ids.category_ids):
+            return []  # not in the ground truth: annotated, but no ids for the results file
+        dets = result.to_coco_json(image_id, self.ids.category_ids)
+        for d in dets:
             d["file_name"] = str(path)
             if frame is not None:
                 d["frame"] = frame
-            self.detections.append(d)
+        return dets
 
     def _out_path(self, src: Path, suffix: str) -> Path:
         """``out_dir/<stem><suffix>``, numbered when the name is taken (or would overwrite an input)."""

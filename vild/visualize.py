@@ -45,10 +45,21 @@ def draw_detections(image: object, boxes: torch.Tensor, labels: torch.Tensor, sc
     h, w = canvas.shape[:2]
     order = torch.argsort(scores).tolist() if scores is not None and len(scores) else list(range(len(boxes)))
     if masks is not None and len(masks):
-        m = masks.detach().cpu().numpy().astype(bool)
+        m = masks.detach().cpu().bool()
+        # each mask is blended inside the rows and columns it covers: a detection covers a small part of a
+        # photo, and a boolean pass over the whole image per detection was most of the drawing time
+        # (amax over the bytes, as torch's any over bools ran ~90x slower here)
+        u = m.view(torch.uint8)
+        rows, cols = u.amax(dim=2).numpy(), u.amax(dim=1).numpy()
+        m = m.numpy()
         for i in order:  # lowest score first, so the best detections end up on top
+            ys, xs = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
+            if not len(ys):
+                continue
+            win = (slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
+            sub, mi = canvas[win], m[i][win]
             c = np.array(color_for(labels[i]), dtype=np.float32)
-            canvas[m[i]] = (canvas[m[i]] * (1 - mask_alpha) + c * mask_alpha).astype(np.uint8)
+            sub[mi] = (sub[mi] * (1 - mask_alpha) + c * mask_alpha).astype(np.uint8)
     pil = Image.fromarray(canvas)
     draw = ImageDraw.Draw(pil)
     width = max(1, round(max(h, w) / 400))
