@@ -18,3 +18,7 @@ fi
 timeout "${BENCH_TIMEOUT:-360}" python3 benchmarks/run.py --device cuda --size 1024 --out "$OUT/cuda_1024.json" \
   ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 echo "bench exit: $?" | tee -a "$OUT/gpu.txt"
+# vild-detect's folder pipeline with the model on the GPU (the shipped demo model: no downloads)
+timeout "${DETECT_TIMEOUT:-120}" python3 benchmarks/detect_folder.py --device cuda --threads 0 --batch-size 8 \
+  --out "$OUT/detect_folder_cuda.json" 2>&1 | tee "$OUT/detect_folder.log"
+echo "detect_folder exit: $?" | tee -a "$OUT/gpu.txt"
