@@ -180,3 +180,30 @@ def random_boxes(n: int, height: int, width: int, seed: int = 0, min_side: float
     wh = torch.rand(n, 2, generator=g) * torch.tensor([width - min_side, height - min_side]) * 0.6 + min_side
     xy = torch.rand(n, 2, generator=g) * (torch.tensor([width, height]) - wh)
     return torch.cat([xy, xy + wh], dim=1)
+
+
+class RssSampler:
+    """Resident set size of this process, sampled on a thread (torch ops release the GIL)."""
+
+    def __init__(self, interval: float = 0.005):
+        import threading
+        self._page_kib = os.sysconf("SC_PAGE_SIZE") // 1024
+        self.start_kib = self.max_kib = self._rss()
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page_kib
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.max_kib = max(self.max_kib, self._rss())
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        self.max_kib = max(self.max_kib, self._rss())
+        return {"start_kib": self.start_kib, "max_kib": self.max_kib}

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (EMBED_DIM, LVIS_BASE_CLASSES, LVIS_CLASSES, autocast, build_torchvision, build_vild,
-                    interleaved, log, lvis_like_names, median, random_boxes, random_images, random_text_embeddings,
-                    sync, timed)
+from common import (EMBED_DIM, LVIS_BASE_CLASSES, LVIS_CLASSES, RssSampler, autocast, build_torchvision,
+                    build_vild, interleaved, log, lvis_like_names, median, random_boxes, random_images,
+                    random_text_embeddings, sync, timed)
 from stages import breakdown
 
 
@@ -357,7 +357,7 @@ def train_worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats(dev)
         base_mem = torch.cuda.memory_allocated(dev)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    sampler = _RssSampler() if dev.type == "cpu" else None
+    sampler = RssSampler() if dev.type == "cpu" else None
     times, losses = [], {}
     for i in range(args.warmup + args.train_steps):
         losses, dt = timed(step, dev)
@@ -440,33 +440,6 @@ def _flops(fn) -> float:
     with counter:
         fn()
     return float(counter.get_total_flops())
-
-
-class _RssSampler:
-    """Resident set size of this process, sampled on a thread (torch ops release the GIL)."""
-
-    def __init__(self, interval: float = 0.005):
-        import threading
-        self._page_kib = os.sysconf("SC_PAGE_SIZE") // 1024
-        self.start_kib = self.max_kib = self._rss()
-        self._stop = threading.Event()
-        self._interval = interval
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page_kib
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.max_kib = max(self.max_kib, self._rss())
-
-    def stop(self) -> dict:
-        self._stop.set()
-        self._thread.join()
-        self.max_kib = max(self.max_kib, self._rss())
-        return {"start_kib": self.start_kib, "max_kib": self.max_kib}
 
 
 # ---- 4. precompute -------------------------------------------------------------------------------

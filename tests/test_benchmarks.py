@@ -91,7 +91,7 @@ def test_the_gpu_test_module_imports_here():
 
 
 def test_side_benchmarks_run_and_write_their_figures(tmp_path):
-    """benchmarks/loader_memory.py and detect_folder.py at toy sizes: the code paths, not the numbers."""
+    """benchmarks/loader_memory.py, detect_folder.py and large_image.py at toy sizes: code paths, not numbers."""
     out = tmp_path / "mem.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loader_memory.py"), "--images", "300",
                            "--annotations", "3000", "--cache", str(tmp_path), "--out", str(out)],
@@ -109,4 +109,12 @@ def test_side_benchmarks_run_and_write_their_figures(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     det = json.loads(out.read_text())
     assert set(det["images_per_s"]) == {"model_only", "serial", "pipeline"}
+    out = tmp_path / "large.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "large_image.py"), "--size", "300x200",
+                           "--detections", "5", "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    large = json.loads(out.read_text())
+    assert large["vild"]["output_mib"] == large["torchvision"]["output_mib"] > 0
+    assert large["mask_pixel_count_agreement"] > 0.9
     assert all(_finite(v) and v > 0 for v in det["images_per_s"].values())
