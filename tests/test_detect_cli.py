@@ -94,6 +94,9 @@ def test_video_in_annotated_video_out(ckpt, tmp_path):
     assert len(frames) == 5 and frames[0].shape == (48, 64, 3)
     dets = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert sorted({d["frame"] for d in dets}) == [0, 1, 2, 3, 4]
+    # written behind the model by a thread, recorded in frame order, one image id per frame
+    assert [d["frame"] for d in dets] == sorted(d["frame"] for d in dets)
+    assert len({d["image_id"] - d["frame"] for d in dets}) == 1
 
 
 def test_weights_omitted_takes_the_newest_checkpoint(ckpt, images, tmp_path, monkeypatch, capsys):

@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -190,7 +191,6 @@ class _Run:
         RLE-encode the previous batches (decoding, drawing and encoding release the GIL). Results are recorded
         in input order.
         """
-        from concurrent.futures import ThreadPoolExecutor
 
         from tqdm import tqdm
 
@@ -259,15 +259,18 @@ class _Run:
             return
         fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
         bar = tqdm(total=int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None, unit="frame", desc=path.name, file=sys.stderr)
-        writer, frames, index = None, [], 0
-        while True:
-            ok, frame = cap.read()
-            if ok:
-                frames.append(torch.from_numpy(frame[..., ::-1].copy()).permute(2, 0, 1))  # BGR → RGB
-            if frames and (not ok or len(frames) == self.det.batch_size):
-                for r in self.det.predict(frames, [str(path)] * len(frames)):
+        writer, frames, index, pending = None, [], 0, None
+        # one thread draws and writes each batch (in order: a video has one writer) while the next is read
+        # and detected
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vild-detect-video") as pool:
+            while True:
+                ok, frame = cap.read()
+                if ok:
+                    frames.append(torch.from_numpy(frame[..., ::-1].copy()).permute(2, 0, 1))  # BGR → RGB
+                if frames and (not ok or len(frames) == self.det.batch_size):
+                    results = self.det.predict(frames, [str(path)] * len(frames))
                     if writer is None:
-                        h, w = r.image.shape[-2:]
+                        h, w = results[0].image.shape[-2:]
                         out = self._out_path(path, ".mp4")
                         writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
                         if not writer.isOpened():
@@ -276,13 +279,16 @@ class _Run:
                             self._fail(path, "cannot write video", f"cannot write {out}: this OpenCV has no mp4v "
                                        f"encoder; pass the frames as images instead")
                             return
-                    writer.write(r.draw()[..., ::-1].copy())
-                    self._record(r, path, self.next_id, frame=index)
-                    self.next_id, index = self.next_id + 1, index + 1
-                bar.update(len(frames))
-                frames = []
-            if not ok:
-                break
+                    if pending is not None:
+                        self.detections += pending.result()
+                    pending = pool.submit(self._write_frames, writer, results, path, self.next_id, index)
+                    self.next_id, index = self.next_id + len(results), index + len(results)
+                    bar.update(len(frames))
+                    frames = []
+                if not ok:
+                    break
+            if pending is not None:
+                self.detections += pending.result()
         cap.release()
         bar.close()
         if writer is None:
@@ -292,8 +298,13 @@ class _Run:
         self.num_frames += index
         self.num_videos += 1
 
-    def _record(self, result, path: Path, image_id: int, frame: Optional[int] = None) -> None:
-        self.detections += self._coco_results(result, path, image_id, frame)
+    def _write_frames(self, writer, results: list, path: Path, first_id: int, first_frame: int) -> list[dict]:
+        """Annotated frames into the video; their COCO results (runs on the video's writer thread)."""
+        dets: list[dict] = []
+        for k, r in enumerate(results):
+            writer.write(r.draw()[..., ::-1].copy())
+            dets += self._coco_results(r, path, first_id + k, first_frame + k)
+        return dets
 
     def _coco_results(self, result, path: Path, image_id: int, frame: Optional[int] = None) -> list[dict]:
         if self.ids is None:
