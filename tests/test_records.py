@@ -132,3 +132,28 @@ def test_release_freed_memory_gives_the_heap_back():
     ok, start, allocated, freed, trimmed = json.loads(out)
     assert ok and allocated - start > 200
     assert trimmed <= freed and trimmed - start < 40, (start, allocated, freed, trimmed)
+
+
+def test_workers_started_without_fork_share_the_records_and_skip_the_api(world, tmp_path):
+    """spawn (macOS, Windows) and forkserver (Python 3.14 on Linux) pickle the dataset into each worker: the
+    records travel as a handle to shared memory, the json's API object not at all."""
+    import io
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers torch's sharing reductions, as DataLoader does)
+
+    from vild.data import trivial_collate
+    big = RecordList(_records(2000))
+    buf = io.BytesIO()
+    ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(big)
+    assert big.nbytes > 5 * 2 ** 20 and len(buf.getvalue()) < 4096  # a handle, not the 7 MB of records
+    test = DetectionDataset(world["lvis_val"], world["images_val"], "lvis", "lvis", train=False)
+    assert test._api is not None and pickle.loads(pickle.dumps(test))._api is None
+    loader = torch.utils.data.DataLoader(test, batch_size=2, num_workers=1, multiprocessing_context="spawn",
+                                         collate_fn=trivial_collate)
+    images, targets = next(iter(loader))
+    for k, (image, t) in enumerate(zip(images, targets)):
+        want = test.target(k)
+        assert t["image_id"] == want["image_id"] and torch.equal(t["boxes"], want["boxes"])
+        assert image.dtype == torch.uint8 and image.shape[0] == 3

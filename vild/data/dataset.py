@@ -139,6 +139,11 @@ class DetectionDataset(torch.utils.data.Dataset):
                             [{k: a[k] for k in _ANN_KEYS if k in a} for a in anns]))
         return records
 
+    def __getstate__(self) -> dict:
+        # loader workers started without fork receive the dataset pickled: they read images and records, never
+        # the API object (a GB of objects for LVIS val), which ``api`` would re-read if anyone asked
+        return {**self.__dict__, "_api": None}
+
     @property
     def api(self) -> Any:
         """The official ``COCO`` / ``LVIS`` object of the json (re-read on first use for a training set)."""
