@@ -191,7 +191,6 @@ class _Run:
         RLE-encode the previous batches (decoding, drawing and encoding release the GIL). Results are recorded
         in input order.
         """
-
         from tqdm import tqdm
 
         from .io import ImageReadError, read_image
@@ -213,7 +212,8 @@ class _Run:
                 nxt = next(todo, None)
                 if nxt is not None:
                     reads.append((nxt, pool.submit(read, nxt)))
-                image, (image_id, self.next_id) = future.result(), (self.next_id, self.next_id + 1)
+                image = future.result()
+                image_id, self.next_id = self.next_id, self.next_id + 1  # unreadable files use up an id too
                 if isinstance(image, ImageReadError):
                     self._fail(path, image.reason, str(image), bar)
                     bar.update(1)
