@@ -91,7 +91,7 @@ def test_the_gpu_test_module_imports_here():
 
 
 def test_side_benchmarks_run_and_write_their_figures(tmp_path):
-    """benchmarks/loader_memory.py, detect_folder.py and large_image.py at toy sizes: code paths, not numbers."""
+    """The side benchmarks (loader memory, folder detection, large images, photo resizing) at toy sizes."""
     out = tmp_path / "mem.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loader_memory.py"), "--images", "300",
                            "--annotations", "3000", "--cache", str(tmp_path), "--out", str(out)],
@@ -115,6 +115,13 @@ def test_side_benchmarks_run_and_write_their_figures(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     large = json.loads(out.read_text())
+    out = tmp_path / "photo.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "photo_resize.py"), "--images", "3",
+                           "--noise", "0", "--scale", "2", "--out", str(out)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    photo = json.loads(out.read_text())
+    assert photo["images"] == 3 and 0 <= photo["rows"][0]["filtered"]["AP"] <= 100
     assert large["vild"]["output_mib"] == large["torchvision"]["output_mib"] > 0
     assert large["mask_pixel_count_agreement"] > 0.9
     assert all(_finite(v) and v > 0 for v in det["images_per_s"].values())

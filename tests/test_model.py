@@ -437,3 +437,24 @@ def test_one_roialign_over_sampled_and_distillation_boxes_pools_each_box_as_alon
     a, b = _unzip(pool(features, [torch.cat([r, x]) for r, x in zip(rois, d)], batch.image_sizes), sizes)
     assert torch.equal(a, pool(features, rois, batch.image_sizes))
     assert torch.equal(b, pool(features, d, batch.image_sizes))
+
+
+def test_test_time_shrinking_filters_like_training_and_growing_is_unchanged():
+    """Shrinking a large image to TEST_SIZE averages its pixel noise (antialias, as training's resizes do);
+    plain bilinear reads 2x2 pixels per output pixel and passes most of the noise on. Growing a small
+    image (COCO/LVIS at 1024) is plain bilinear as before."""
+    import torch.nn.functional as F
+
+    from vild.modeling.preprocess import ImagePreprocessor
+    pre = ImagePreprocessor([128.0] * 3, [1.0] * 3, test_size=128).eval()
+    g = torch.Generator().manual_seed(0)
+    noisy = (128 + 40 * torch.randn(3, 640, 640, generator=g)).clamp(0, 255).to(torch.uint8)
+    batch, _ = pre([noisy])
+    x = noisy.float()[None] - 128
+    plain = F.interpolate(x, size=(128, 128), mode="bilinear", align_corners=False)
+    assert batch.tensors.shape[-2:] == (128, 128)
+    assert batch.tensors.std() < 0.4 * plain.std()  # ~40/5 against ~40/2
+    small = torch.randint(0, 256, (3, 48, 64), generator=g, dtype=torch.uint8)
+    batch, _ = pre([small])
+    grown = F.interpolate(small.float()[None] - 128, size=(96, 128), mode="bilinear", align_corners=False)
+    assert torch.equal(batch.tensors[0, :, :96, :128], grown[0])

@@ -37,7 +37,10 @@ class ImagePreprocessor(nn.Module):
                 scale = self.test_size / max(x.shape[-2:])
                 if scale != 1.0:
                     size = (max(1, round(x.shape[-2] * scale)), max(1, round(x.shape[-1] * scale)))
-                    x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+                    # shrinking filters like training's resizes (antialias=True): plain bilinear reads 2x2 pixels
+                    # per output pixel, so a photo's pixel-level detail and noise would alias into the input
+                    x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False,
+                                      antialias=scale < 1)[0]
             out.append(x)
         sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in out]
         d = self.size_divisibility
