@@ -101,7 +101,7 @@ def main(argv=None) -> None:
             out.mkdir()
             run = _Run(det, out, _IdMapper(None, det.names), taken=set(paths))
             run.images(paths)
-            return len(run.detections)
+            return run.num_detections
 
         counts: dict[str, set] = {}
         times = interleaved({"model_only": model_only, "serial": run_serial, "pipeline": run_pipeline}, dev,

@@ -226,3 +226,26 @@ def test_pipelined_folder_run_equals_the_serial_detector_in_input_order(ckpt, im
                                                                           w["category_name"])
         assert g["bbox"] == pytest.approx(w["bbox"], abs=0.02) and g["score"] == pytest.approx(w["score"], abs=1e-4)
         assert g["segmentation"] == w["segmentation"]
+
+
+def test_results_stream_to_a_hidden_file_that_replaces_detections_json_only_at_the_end(ckpt, images, tmp_path,
+                                                                                      monkeypatch):
+    """An interrupted run leaves the previous detections.json as it was and no temporary file behind."""
+    from vild.api import Detector
+    out = tmp_path / "out"
+    assert run(ckpt, images["color.png"].parent, out, "--vocab", "kite,circle", "--json", "--batch-size", "2") == 1
+    before = (out / "detections.json").read_text()
+    assert json.loads(before)
+    calls = {"n": 0}
+    predict = Detector.predict
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the user's Ctrl-C in the middle of a folder
+        return predict(self, *args, **kwargs)
+    monkeypatch.setattr(Detector, "predict", failing)
+    with pytest.raises(KeyboardInterrupt):
+        run(ckpt, images["color.png"].parent, out, "--vocab", "kite,circle", "--json", "--batch-size", "2")
+    assert (out / "detections.json").read_text() == before
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -72,12 +72,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     print(f"model {weights} ({det.variant}) on {det.device}; {len(det.names)} categories "
           f"({sum(det.base_mask)} base); score threshold {det.score_thresh:g}", file=sys.stderr)
-    run = _Run(det, out_dir, ids, taken={p.resolve() for p in images + videos})
-    run.images(images)
-    for v in videos:
-        run.video(v)
-    if ids is not None:
-        (out_dir / "detections.json").write_text(json.dumps(run.detections))
+    run = _Run(det, out_dir, ids, taken={p.resolve() for p in images + videos},
+               results_file=out_dir / "detections.json" if ids is not None else None)
+    try:
+        run.images(images)
+        for v in videos:
+            run.video(v)
+        run.finish()
+    finally:
+        run.close()
     print(run.summary())
     return 1 if run.failures else 0
 
@@ -177,12 +180,44 @@ class _IdMapper:
 class _Run:
     """Feeds batches to the detector, writes outputs, and keeps the tallies for the summary."""
 
-    def __init__(self, det, out_dir: Path, ids: Optional[_IdMapper], taken: set):
+    def __init__(self, det, out_dir: Path, ids: Optional[_IdMapper], taken: set,
+                 results_file: Optional[Path] = None):
+        """``results_file`` receives the COCO results as they come (a folder of 100k photos makes millions),
+        through a hidden temporary file that replaces it at ``finish()``: a broken run leaves none half-written."""
         self.det, self.out_dir, self.ids, self.taken = det, out_dir, ids, set(taken)
         self.failures: list[tuple[Path, str]] = []
-        self.detections: list[dict] = []
+        self.num_detections = 0
         self.num_images = self.num_frames = self.num_videos = 0
         self.next_id = 1
+        self._results, self._results_file, self._tmp = None, results_file, None
+        if results_file is not None:
+            fd, self._tmp = tempfile.mkstemp(dir=results_file.parent, prefix=f".{results_file.name}.", suffix=".tmp")
+            self._results = os.fdopen(fd, "w")
+            self._results.write("[")
+
+    def _add(self, dets: list[dict]) -> None:
+        for d in dets:
+            if self._results is not None:
+                self._results.write(("," if self.num_detections else "") + json.dumps(d))
+            self.num_detections += 1
+
+    def finish(self) -> None:
+        """Complete the results file and move it into place."""
+        if self._results is None:
+            return
+        self._results.write("]")
+        self._results.flush()
+        os.fsync(self._results.fileno())
+        self._results.close()
+        self._results = None
+        os.replace(self._tmp, self._results_file)
+
+    def close(self) -> None:
+        """Remove an unfinished results file (after an error or an interrupt)."""
+        if self._results is not None:
+            self._results.close()
+            self._results = None
+            Path(self._tmp).unlink(missing_ok=True)
 
     def images(self, paths: list[Path]) -> None:
         """Detect in every readable image; report the others by path and go on.
@@ -244,7 +279,7 @@ class _Run:
 
     def _collect(self, writes: list) -> None:
         for future, n, bar in writes:
-            self.detections += future.result()  # re-raises a failed write here
+            self._add(future.result())  # re-raises a failed write here
             self.num_images += n
             bar.update(n)
 
@@ -280,7 +315,7 @@ class _Run:
                                        f"encoder; pass the frames as images instead")
                             return
                     if pending is not None:
-                        self.detections += pending.result()
+                        self._add(pending.result())
                     pending = pool.submit(self._write_frames, writer, results, path, self.next_id, index)
                     self.next_id, index = self.next_id + len(results), index + len(results)
                     bar.update(len(frames))
@@ -288,7 +323,7 @@ class _Run:
                 if not ok:
                     break
             if pending is not None:
-                self.detections += pending.result()
+                self._add(pending.result())
         cap.release()
         bar.close()
         if writer is None:
