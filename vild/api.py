@@ -86,16 +86,8 @@ class DetectionResult:
     def _rles(self) -> Optional[list[dict]]:
         if self.masks is None:
             return None
-        from pycocotools import mask as mask_util
-        if not len(self):
-            return []
-        # one call over all masks: pycocotools takes a Fortran-ordered [H, W, n] uint8 array, which is the
-        # memory of a C-ordered [n, W, H] one: one transposing copy, and bool → uint8 as a view
-        f = self.masks.bool().transpose(1, 2).contiguous().view(torch.uint8).numpy()
-        rles = mask_util.encode(f.transpose(2, 1, 0))
-        for r in rles:
-            r["counts"] = r["counts"].decode("ascii")  # JSON needs text
-        return rles
+        from .evaluation.results import encode_masks
+        return encode_masks(self.masks) if len(self) else []
 
 
 class Detector:

@@ -21,6 +21,17 @@ def _np(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
+def encode_masks(masks: Any) -> list[dict]:
+    """Binary masks [n, H, W] (tensor or array; [n, 1, H, W] too) → COCO RLEs with text counts, one pycocotools call."""
+    m = _np(masks)
+    m = m.reshape(-1, *m.shape[-2:])
+    # pycocotools takes a Fortran-ordered [H, W, n] uint8 array, which is the memory of a C-ordered [n, W, H]
+    # one: a single transposing copy (that also casts) instead of a cast, a copy and a reorder
+    f = np.ascontiguousarray(np.swapaxes(m, 1, 2), dtype=np.uint8).transpose(2, 1, 0)
+    return [{"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")}  # JSON needs text
+            for r in mask_utils.encode(f)]
+
+
 def instances_to_results(image_id: int, output: dict, category_ids: list[int]) -> tuple[list[dict], list[dict]]:
     """One image's output (xyxy boxes, scores, labels, optional masks) → (bbox results, segm results)."""
     boxes = _np(output["boxes"]).astype(np.float64).reshape(-1, 4)
@@ -33,12 +44,8 @@ def instances_to_results(image_id: int, output: dict, category_ids: list[int]) -
     segm: list[dict] = []
     masks = output.get("masks")
     if masks is not None and len(labels):
-        m = _np(masks)
-        m = m.reshape(len(labels), *m.shape[-2:])  # tolerate [n, 1, H, W]
-        rles = mask_utils.encode(np.asfortranarray(np.moveaxis(m, 0, -1), dtype=np.uint8))
-        for c, rle, s in zip(cats, rles, scores):
+        for c, rle, s in zip(cats, encode_masks(masks), scores):
             # no "bbox" key: both official loaders would then take the box area as the mask area
-            rle = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
             segm.append({"image_id": int(image_id), "category_id": c, "score": float(s), "segmentation": rle})
     return bbox, segm
 
