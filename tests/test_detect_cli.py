@@ -236,6 +236,9 @@ def test_results_stream_to_a_hidden_file_that_replaces_detections_json_only_at_t
     assert run(ckpt, images["color.png"].parent, out, "--vocab", "kite,circle", "--json", "--batch-size", "2") == 1
     before = (out / "detections.json").read_text()
     assert json.loads(before)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "detections.json").stat().st_mode & 0o777 == 0o666 & ~umask  # as any written file, not 0600
     calls = {"n": 0}
     predict = Detector.predict
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import itertools
 import json
@@ -11,7 +12,7 @@ import tempfile
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import IO, Optional
 
 # Only the standard library at import time, so setup errors are reported before torch loads.
 
@@ -72,15 +73,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     print(f"model {weights} ({det.variant}) on {det.device}; {len(det.names)} categories "
           f"({sum(det.base_mask)} base); score threshold {det.score_thresh:g}", file=sys.stderr)
-    run = _Run(det, out_dir, ids, taken={p.resolve() for p in images + videos},
-               results_file=out_dir / "detections.json" if ids is not None else None)
-    try:
+    from .utils.atomic import atomic_open  # imports torch: after the cheap checks, like the Detector
+    # results stream into a hidden file that replaces detections.json when all inputs are done: memory stays
+    # flat over a folder of 100k photos, and an interrupted run leaves the previous file as it was
+    with atomic_open(out_dir / "detections.json") if ids is not None else contextlib.nullcontext() as results:
+        run = _Run(det, out_dir, ids, taken={p.resolve() for p in images + videos}, results=results)
         run.images(images)
         for v in videos:
             run.video(v)
         run.finish()
-    finally:
-        run.close()
     print(run.summary())
     return 1 if run.failures else 0
 
@@ -180,20 +181,16 @@ class _IdMapper:
 class _Run:
     """Feeds batches to the detector, writes outputs, and keeps the tallies for the summary."""
 
-    def __init__(self, det, out_dir: Path, ids: Optional[_IdMapper], taken: set,
-                 results_file: Optional[Path] = None):
-        """``results_file`` receives the COCO results as they come (a folder of 100k photos makes millions),
-        through a hidden temporary file that replaces it at ``finish()``: a broken run leaves none half-written."""
+    def __init__(self, det, out_dir: Path, ids: Optional[_IdMapper], taken: set, results: Optional[IO] = None):
+        """``results`` (a text file) receives the COCO results as a JSON list, written as they come."""
         self.det, self.out_dir, self.ids, self.taken = det, out_dir, ids, set(taken)
         self.failures: list[tuple[Path, str]] = []
         self.num_detections = 0
         self.num_images = self.num_frames = self.num_videos = 0
         self.next_id = 1
-        self._results, self._results_file, self._tmp = None, results_file, None
-        if results_file is not None:
-            fd, self._tmp = tempfile.mkstemp(dir=results_file.parent, prefix=f".{results_file.name}.", suffix=".tmp")
-            self._results = os.fdopen(fd, "w")
-            self._results.write("[")
+        self._results = results
+        if results is not None:
+            results.write("[")
 
     def _add(self, dets: list[dict]) -> None:
         for d in dets:
@@ -202,22 +199,9 @@ class _Run:
             self.num_detections += 1
 
     def finish(self) -> None:
-        """Complete the results file and move it into place."""
-        if self._results is None:
-            return
-        self._results.write("]")
-        self._results.flush()
-        os.fsync(self._results.fileno())
-        self._results.close()
-        self._results = None
-        os.replace(self._tmp, self._results_file)
-
-    def close(self) -> None:
-        """Remove an unfinished results file (after an error or an interrupt)."""
+        """Close the results' JSON list."""
         if self._results is not None:
-            self._results.close()
-            self._results = None
-            Path(self._tmp).unlink(missing_ok=True)
+            self._results.write("]")
 
     def images(self, paths: list[Path]) -> None:
         """Detect in every readable image; report the others by path and go on.
@@ -259,15 +243,15 @@ class _Run:
                     batch = []
             if batch:
                 self._detect_batch(batch, pool, writes, bar)
-            self._collect(writes)
+            self._collect(writes, bar)
         bar.close()
 
     def _detect_batch(self, batch: list, pool, writes: list, bar) -> None:
         results = self.det.predict([im for _, _, im in batch], [str(p) for p, _, _ in batch])
-        self._collect(writes[:-1])  # at most two batches' writes in flight
+        self._collect(writes[:-1], bar)  # at most two batches' writes in flight
         del writes[:-1]
         out = [self._out_path(p, p.suffix if p.suffix.lower() in _KEEP_SUFFIXES else ".png") for p, _, _ in batch]
-        writes.append((pool.submit(self._write_batch, batch, results, out), len(batch), bar))
+        writes.append((pool.submit(self._write_batch, batch, results, out), len(batch)))
 
     def _write_batch(self, batch: list, results: list, out: list[Path]) -> list[dict]:
         """Annotated images to ``out``; the batch's COCO results (runs on the I/O thread)."""
@@ -277,8 +261,8 @@ class _Run:
             dets += self._coco_results(r, path, image_id)
         return dets
 
-    def _collect(self, writes: list) -> None:
-        for future, n, bar in writes:
+    def _collect(self, writes: list, bar) -> None:
+        for future, n in writes:
             self._add(future.result())  # re-raises a failed write here
             self.num_images += n
             bar.update(n)
