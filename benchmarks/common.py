@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import statistics
@@ -59,6 +60,15 @@ def machine_info(device: torch.device) -> dict:
         info["cuda"] = torch.version.cuda
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2 ** 30, 1)
     return info
+
+
+def write_result(path: str | Path, result: dict, device: torch.device) -> None:
+    """A side benchmark's JSON, with the machine and the time it was measured on."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = {**result, "machine": machine_info(device), "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    log(f"wrote {path}")
 
 
 def sync(device: torch.device) -> None:

@@ -13,12 +13,10 @@ on a CPU) puts a CPU in the same position.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,7 +24,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the command's progress bar, once p
 
 import cv2  # noqa: E402
 import torch  # noqa: E402
-from common import ROOT, interleaved, log, machine_info, median  # noqa: E402
+from common import ROOT, interleaved, log, median, write_result  # noqa: E402
 
 from vild import Detector  # noqa: E402
 from vild.detect_cli import _IdMapper, _Run  # noqa: E402
@@ -119,13 +117,10 @@ def main(argv=None) -> None:
             "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
             "ratio_pipeline_over_serial": round(rate["pipeline"] / rate["serial"], 3),
             "ratio_pipeline_over_model_only": round(rate["pipeline"] / rate["model_only"], 3),
-            "machine": machine_info(dev), "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         log(f"model alone {rate['model_only']:.1f} img/s, serial {rate['serial']:.1f}, pipeline "
             f"{rate['pipeline']:.1f} ({result['ratio_pipeline_over_serial']:.2f}x serial)")
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
-        log(f"wrote {a.out}")
+        write_result(a.out, result, dev)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

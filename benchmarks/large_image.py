@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, RssSampler, log, machine_info  # noqa: E402
+from common import ROOT, RssSampler, log, write_result  # noqa: E402
 
 
 def worker(kind: str, inputs: str) -> dict:
@@ -96,11 +96,8 @@ def main(argv=None) -> None:
         "ratio_peak_vild_over_torchvision": round(runs["vild"]["peak_rss_increase_mib"]
                                                   / runs["torchvision"]["peak_rss_increase_mib"], 3),
         "mask_pixel_count_agreement": round(agree, 4),
-        "machine": machine_info(torch.device("cpu")), "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
-    log(f"wrote {a.out}")
+    write_result(a.out, result, torch.device("cpu"))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import ROOT, log, machine_info  # noqa: E402
+from common import ROOT, log, write_result  # noqa: E402
 
 from vild.data import DetectionDataset  # noqa: E402
 from vild.data.loader import _worker_init  # noqa: E402
@@ -134,12 +134,8 @@ def main(argv=None) -> None:
                     "api_object_rss_mib_no_longer_held": round(api_mib, 1)},
         "worker_growth_mib": {"record_list": round(buf_mib, 1), "python_objects_baseline": round(obj_mib, 1)},
         "worker_pass_seconds": {"record_list": round(buf_s, 1), "python_objects_baseline": round(obj_s, 1)},
-        "machine": machine_info(torch.device("cpu")),
-        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
-    log(f"wrote {a.out}")
+    write_result(a.out, result, torch.device("cpu"))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import io
 import json
 import sys
 import tempfile
-import time
 import types
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import ROOT, log, machine_info  # noqa: E402
+from common import ROOT, log, write_result  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 
@@ -98,11 +97,8 @@ def main(argv=None) -> None:
             f"(AP50 {ap50_f:.1f} vs {ap50_p:.1f})")
     result = {"what": "box AP of the demo model on its world's held-out val images scaled up, with pixel noise, "
                       "shrunk to the 128-px test size with and without antialiasing",
-              "images": len(gt["images"]), "scale": k, "rows": rows,
-              "machine": machine_info(torch.device("cpu")), "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
-    log(f"wrote {a.out}")
+              "images": len(gt["images"]), "scale": k, "rows": rows}
+    write_result(a.out, result, torch.device("cpu"))
 
 
 if __name__ == "__main__":
