@@ -108,6 +108,54 @@ def interleaved(fns: dict[str, Callable], device: torch.device, repeats: int, wa
     return times
 
 
+class DispatchCounter:
+    """Counts the ops a piece of code dispatches (forward, backward, optimizer), and those whose output size
+    depends on tensor values: on a GPU each of those makes the host wait for the device.
+
+    Counted at the dispatcher, below autograd: the same ops on any device, so a CPU run counts what a GPU
+    run's host issues. ``tolist()`` / ``.cpu()`` copies do not dispatch on a CPU tensor and are not seen.
+    """
+
+    VALUE_SIZED = ("aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select", "aten::_unique2",
+                   "aten::unique_dim", "aten::unique_consecutive", "torchvision::nms", "aten::repeat_interleave")
+
+    def __init__(self):
+        self.ops = 0
+        self.value_sized: dict[str, int] = {}
+
+    def __enter__(self) -> "DispatchCounter":
+        from torch.utils._python_dispatch import TorchDispatchMode
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter._see(func, args)
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+    def _see(self, func, args) -> None:
+        self.ops += 1
+        name = func._schema.name
+        # indexing or assigning through a boolean mask runs nonzero inside the op
+        if name in ("aten::index", "aten::index_put_", "aten::index_put") and len(args) > 1 and any(
+                torch.is_tensor(i) and i.dtype in (torch.bool, torch.uint8) for i in (args[1] or [])):
+            name = f"{name} (boolean mask)"
+        elif name not in self.VALUE_SIZED:
+            return
+        self.value_sized[name] = self.value_sized.get(name, 0) + 1
+
+    def result(self) -> dict:
+        """{"ops": N, "value_sized_ops": N, "by_op": {...}}."""
+        return {"ops": self.ops, "value_sized_ops": sum(self.value_sized.values()),
+                "by_op": dict(sorted(self.value_sized.items()))}
+
+
 def median(xs: list[float]) -> float:
     """Median (robust to the odd slow run on a shared machine)."""
     return float(statistics.median(xs)) if xs else float("nan")

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (EMBED_DIM, LVIS_BASE_CLASSES, LVIS_CLASSES, RssSampler, autocast, build_torchvision,
-                    build_vild, interleaved, log, lvis_like_names, median, random_boxes, random_images,
-                    random_text_embeddings, sync, timed)
+from common import (EMBED_DIM, LVIS_BASE_CLASSES, LVIS_CLASSES, DispatchCounter, RssSampler, autocast,
+                    build_torchvision, build_vild, interleaved, log, lvis_like_names, median, random_boxes,
+                    random_images, random_text_embeddings, sync, timed)
 from stages import breakdown
 
 
@@ -272,6 +272,7 @@ def training(ctx: Context) -> dict:
                      "step_seconds": [round(s, 4) for s in steps],
                      "peak_memory_mib": max(r["peak_memory_mib"] for r in rs),
                      "memory_measure": rs[0]["memory_measure"], "losses": rs[-1]["losses"],
+                     "dispatch_per_step": rs[0]["dispatch"],
                      "profiled_step": rs[0].get("profile")}
     ratio = sps["vild"] / sps["torchvision"]
     out["ratio"] = round(ratio, 3)
@@ -287,6 +288,12 @@ def training(ctx: Context) -> dict:
                     "ratio_vild_over_torchvision": round(gf["vild"] / gf["torchvision"], 3),
                     "ratio_at_equal_flop_rate": round(flop_bound, 3),
                     "flop_rate_ratio": round(out["vild"]["gflop_per_s"] / out["torchvision"]["gflop_per_s"], 3)}
+    # what the host issues per step: where a GPU waits for the host, this bounds the step, not the FLOPs
+    ops = {kind: runs[kind][0]["dispatch"] for kind in runs}
+    out["dispatch"] = {"measure": "ops dispatched per training step (forward, backward, optimizer) and those whose "
+                                  "output size depends on values (each a host-device synchronisation on a GPU)",
+                       "ops_ratio_vild_over_torchvision": round(ops["vild"]["ops"] / ops["torchvision"]["ops"], 3),
+                       "value_sized_ops": {k: v["value_sized_ops"] for k, v in ops.items()}}
     note = ""
     if ratio < 0.9 and flop_bound < 0.9:
         note = (f"a ViLD step does {gf['vild'] / gf['torchvision']:.2f}x torchvision's FLOPs, so at torchvision's "
@@ -364,6 +371,8 @@ def train_worker(args) -> dict:
         if i >= args.warmup:
             times.append(dt)
     flops = _flops(step)  # after the timed steps: the counting mode slows a step down
+    with DispatchCounter() as counter:
+        step()
     profile = _profile_step(step, dev) if args.profile_train else None
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20
@@ -380,7 +389,7 @@ def train_worker(args) -> dict:
         extra = {"process_max_rss_mib": round(max(rss1, sampled["max_kib"]) / 1024, 1),
                  "ru_maxrss_delta_mib": round((rss1 - rss0) / 1024, 1),
                  "sampled_rss_delta_mib": round((sampled["max_kib"] - sampled["start_kib"]) / 1024, 1)}
-    return {"model": kind, "step_seconds": times, "gflop_per_step": round(flops / 1e9, 2),
+    return {"model": kind, "step_seconds": times, "gflop_per_step": round(flops / 1e9, 2), "dispatch": counter.result(),
             "peak_memory_mib": round(peak, 1), "memory_measure": measure,
             "losses": {k: round(float(v.detach()), 4) for k, v in losses.items()}, "profile": profile, **extra}
 

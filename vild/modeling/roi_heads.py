@@ -1,6 +1,8 @@
 """ViLD RoI heads: sample RoIs, embed them, classify against text, distill toward CLIP, predict masks."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,8 +16,20 @@ from .classifier import TextClassifier, ensemble_scores
 from .conv_stack import run_conv_stack
 from .losses import box_regression_loss, classification_loss, distillation_loss
 from .postprocess import select_detections
+from .sampling import batched_box_iou, box_valid, pad_boxes, sample_balanced, sampled_rows
 
 VARIANTS = ("text", "vild", "ensemble")
+
+
+class SampledRoIs(NamedTuple):
+    """The RoIs a training step sees: per image its boxes (positives first), matched gt indices and positive
+    count; over all images, labels (0 = background, k + 1 = class k) and regression targets."""
+
+    rois: list[torch.Tensor]
+    labels: torch.Tensor
+    matched: list[torch.Tensor]
+    reg_targets: torch.Tensor
+    num_pos: list[int]
 
 
 class ViLDRoIHeads(nn.Module):
@@ -37,8 +51,8 @@ class ViLDRoIHeads(nn.Module):
         self.box_pooler, self.text_head, self.image_head = box_pooler, text_head, image_head
         self.classifier = classifier
         self.mask_pooler, self.mask_head, self.mask_predictor = mask_pooler, mask_head, mask_predictor
-        self.matcher = det_utils.Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
-        self.sampler = det_utils.BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+        self.fg_iou_thresh, self.bg_iou_thresh = fg_iou_thresh, bg_iou_thresh
+        self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
         self.box_coder = det_utils.BoxCoder(tuple(bbox_reg_weights))
         self.distill_weight = distill_weight
         self.num_distill_proposals = num_distill_proposals
@@ -52,52 +66,73 @@ class ViLDRoIHeads(nn.Module):
         return self.mask_head is not None
 
     # ---- training -------------------------------------------------------------------------
-    def sample_rois(self, proposals: list[torch.Tensor], targets: list[dict]):
-        """Mix in ground truth, match to it, sample fg/bg; labels are 0 = background, k + 1 = class k."""
-        rois, labels, matched, reg_targets = [], [], [], []
-        for props, t in zip(proposals, targets):
-            gt = t["boxes"].to(props.dtype)
-            props = torch.cat([props, gt])
-            if gt.numel() == 0:
-                idx = torch.zeros(len(props), dtype=torch.long, device=props.device)
-                lab = torch.zeros(len(props), dtype=torch.long, device=props.device)
-            else:
-                m = self.matcher(box_ops.box_iou(gt, props))
-                idx = m.clamp(min=0)
-                lab = t["labels"][idx] + 1
-                lab[m < 0] = 0  # both below-threshold and between-threshold proposals become background
-            pos, neg = self.sampler([lab])
-            keep = (pos[0] | neg[0]).nonzero().squeeze(1)
-            props, idx, lab = props[keep], idx[keep], lab[keep]
-            ref = gt[idx] if gt.numel() else torch.zeros_like(props)
-            rois.append(props)
-            labels.append(lab)
-            matched.append(idx)
-            reg_targets.append(self.box_coder.encode_single(ref, props))
-        return rois, labels, matched, reg_targets
+    def sample_rois(self, proposals: list[torch.Tensor], targets: list[dict]) -> SampledRoIs:
+        """Mix in ground truth, match to it, sample fg/bg, all images at once; labels 0 = background, k + 1 = class k.
+
+        Candidates with IoU in [bg_iou_thresh, fg_iou_thresh) are left out (the default single 0.5 makes none).
+        """
+        gts = [t["boxes"].to(p.dtype) for p, t in zip(proposals, targets)]
+        cands = torch.cat([pad_boxes(proposals), pad_boxes(gts)], dim=1)  # [B, N, 4], -1 rows are padding
+        valid = box_valid(cands)
+        gt_boxes = pad_boxes(gts)
+        g = gt_boxes.shape[1]
+        if g:
+            gt_labels = torch.nn.utils.rnn.pad_sequence([t["labels"] for t in targets], batch_first=True,
+                                                        padding_value=-1)
+            best_iou, match = batched_box_iou(gt_boxes, cands).max(dim=1)
+        else:
+            gt_labels = torch.zeros((len(cands), 1), dtype=torch.long, device=cands.device)
+            gt_boxes = torch.zeros((len(cands), 1, 4), dtype=cands.dtype, device=cands.device)
+            best_iou = torch.zeros(valid.shape, dtype=cands.dtype, device=cands.device)
+            match = torch.zeros(valid.shape, dtype=torch.long, device=cands.device)
+        positive = valid & (best_iou >= self.fg_iou_thresh)
+        negative = valid & (best_iou < self.bg_iou_thresh)
+        pos_idx, neg_idx, num_pos, num_neg = sample_balanced(positive, negative, self.batch_size_per_image,
+                                                             self.positive_fraction)
+        # the one host synchronisation of the sampling: how many rows each image keeps
+        counts = torch.stack([num_pos, num_pos + num_neg]).tolist()
+        n_pos, n_rows = counts[0], counts[1]
+        width = max(n_rows)
+        rows = sampled_rows(pos_idx, neg_idx, num_pos, width)  # [B, width]: positives first
+        fg = torch.arange(width, device=rows.device)[None] < num_pos[:, None]
+        rois = cands.gather(1, rows[..., None].expand(-1, -1, 4))
+        matched = match.gather(1, rows)
+        labels = torch.where(fg, gt_labels.gather(1, matched) + 1, 0)
+        # background rows regress toward themselves (zero targets): their matched box may be padding
+        ref = torch.where(fg[..., None], gt_boxes.gather(1, matched[..., None].expand(-1, -1, 4)), rois)
+        reg_targets = self.box_coder.encode_single(ref.reshape(-1, 4), rois.reshape(-1, 4)).view(*rois.shape)
+        if all(n == width for n in n_rows):
+            return SampledRoIs(list(rois.unbind(0)), labels.reshape(-1), list(matched.unbind(0)),
+                               reg_targets.reshape(-1, 4), n_pos)
+        cut = lambda x: [x[i, :n] for i, n in enumerate(n_rows)]  # noqa: E731
+        return SampledRoIs(cut(rois), torch.cat(cut(labels)), cut(matched), torch.cat(cut(reg_targets)), n_pos)
 
     def _distill_inputs(self, targets: list[dict], device) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        n = self.num_distill_proposals
         boxes, embeds, valid = [], [], []
         for t in targets:
             b = t.get("proposal_boxes")
             if b is None or b.numel() == 0:
                 boxes.append(torch.zeros((0, 4), device=device))
                 continue
-            n = self.num_distill_proposals
-            b, e = b[:n].to(device).float(), t["proposal_embeds"][:n].to(device).float()
             v = t.get("proposal_valid")
-            v = v[:n].to(device) if v is not None else torch.ones(len(b), dtype=torch.bool, device=device)
-            v = v & ((b[:, 2] - b[:, 0]) > 1) & ((b[:, 3] - b[:, 1]) > 1)
-            boxes.append(b)
-            embeds.append(e)
-            valid.append(v)
+            boxes.append(b[:n] if len(b) > n else b)
+            embeds.append(t["proposal_embeds"][:n] if len(b) > n else t["proposal_embeds"])
+            valid.append(torch.ones(len(boxes[-1]), dtype=torch.bool, device=device) if v is None
+                         else (v[:n] if len(v) > n else v))
         dim = self.classifier.embed_dim
-        cat = lambda xs, shape, dt: torch.cat(xs) if xs else torch.zeros(shape, device=device, dtype=dt)  # noqa: E731
-        return boxes, cat(embeds, (0, dim), torch.float32), cat(valid, (0,), torch.bool)
+        if not embeds:
+            return boxes, torch.zeros((0, dim), device=device), torch.zeros((0,), dtype=torch.bool, device=device)
+        # validity of all images' boxes in one pass: a box under 1 px has no CLIP embedding worth matching
+        flat = torch.cat(boxes).to(device).float()
+        valid = torch.cat(valid).to(device) & ((flat[:, 2] - flat[:, 0]) > 1) & ((flat[:, 3] - flat[:, 1]) > 1)
+        boxes = list(flat.split([len(b) for b in boxes]))
+        return boxes, torch.cat(embeds).to(device).float(), valid
 
     def forward_train(self, features: dict, proposals: list[torch.Tensor], image_sizes: list, targets: list[dict]) -> dict:
         """Return the box, classification, distillation and mask losses."""
-        rois, labels, matched, reg_targets = self.sample_rois(proposals, targets)
+        sampled = self.sample_rois(proposals, targets)
+        rois = sampled.rois
         distill = self.variant != "text"
         if not distill:
             emb, deltas = self.text_head(self.box_pooler(features, rois, image_sizes))
@@ -115,27 +150,27 @@ class ViLDRoIHeads(nn.Module):
                 pooled, d_pooled = _unzip(both, sizes)
                 emb, deltas = self.text_head(pooled)
                 d_emb, _ = self.image_head(d_pooled)
-        labels_cat = torch.cat(labels)
         losses = {
-            "loss_cls": classification_loss(self.classifier(emb), labels_cat),
-            "loss_box_reg": box_regression_loss(deltas, torch.cat(reg_targets), labels_cat),
+            "loss_cls": classification_loss(self.classifier(emb), sampled.labels),
+            "loss_box_reg": box_regression_loss(deltas, sampled.reg_targets, sampled.labels),
         }
         if distill:
             losses["loss_distill"] = self.distill_weight * distillation_loss(d_emb, clip_embeds, valid)
         if self.mask_on:
-            losses["loss_mask"] = self._mask_loss(features, rois, labels, matched, image_sizes, targets)
+            losses["loss_mask"] = self._mask_loss(features, sampled, image_sizes, targets)
         return losses
 
-    def _mask_loss(self, features, rois, labels, matched, image_sizes, targets) -> torch.Tensor:
-        pos = [lab > 0 for lab in labels]
-        pos_rois = [r[p] for r, p in zip(rois, pos)]
+    def _mask_loss(self, features, sampled: SampledRoIs, image_sizes, targets) -> torch.Tensor:
+        # each image's positives are its first rows
+        pos_rois = [r[:n] for r, n in zip(sampled.rois, sampled.num_pos)]
+        pos_matched = [m[:n] for m, n in zip(sampled.matched, sampled.num_pos)]
         # without a positive RoI (a crop with no object, common under large-scale jitter) the head still
         # runs, on zero rows: DDP expects a gradient for every parameter, and SyncBN's collectives must
         # meet the other ranks'; maskrcnn_loss gives 0 for no targets
         logits = self.mask_predictor(run_conv_stack(self.mask_head, self.mask_pooler(features, pos_rois, image_sizes)))
         gt_masks = [t["masks"] for t in targets]
         agnostic = [torch.zeros(len(t["labels"]), dtype=torch.long, device=logits.device) for t in targets]
-        return maskrcnn_loss(logits, pos_rois, gt_masks, agnostic, [m[p] for m, p in zip(matched, pos)])
+        return maskrcnn_loss(logits, pos_rois, gt_masks, agnostic, pos_matched)
 
     # ---- inference ------------------------------------------------------------------------
     def class_scores(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

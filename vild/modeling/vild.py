@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
+from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
 from torchvision.ops import MultiScaleRoIAlign
 
 from .backbone import build_backbone, norm_layer_for
@@ -13,12 +13,13 @@ from .box_head import ViLDBoxHead
 from .classifier import TextClassifier
 from .preprocess import ImagePreprocessor
 from .roi_heads import ViLDRoIHeads
+from .rpn import BatchedRPN
 
 
 class ViLD(nn.Module):
     """Open-vocabulary Mask R-CNN; see ``docs/architecture.md`` for the input and output formats."""
 
-    def __init__(self, preprocessor: ImagePreprocessor, backbone: nn.Module, rpn: RegionProposalNetwork,
+    def __init__(self, preprocessor: ImagePreprocessor, backbone: nn.Module, rpn: BatchedRPN,
                  roi_heads: ViLDRoIHeads, mask_threshold: float = 0.5):
         super().__init__()
         self.preprocessor, self.backbone, self.rpn, self.roi_heads = preprocessor, backbone, rpn, roi_heads
@@ -79,7 +80,7 @@ def build_model(cfg, load_pretrained: bool = True) -> ViLD:
     channels = backbone.out_channels
     anchors = AnchorGenerator(tuple(tuple(s) for s in m.ANCHOR.SIZES),
                               (tuple(m.ANCHOR.ASPECT_RATIOS),) * len(m.ANCHOR.SIZES))
-    rpn = RegionProposalNetwork(
+    rpn = BatchedRPN(
         anchors, RPNHead(channels, anchors.num_anchors_per_location()[0], conv_depth=m.RPN.CONV_DEPTH),
         m.RPN.FG_IOU_THRESH, m.RPN.BG_IOU_THRESH, m.RPN.BATCH_SIZE_PER_IMAGE, m.RPN.POSITIVE_FRACTION,
         dict(training=m.RPN.PRE_NMS_TOPK_TRAIN, testing=m.RPN.PRE_NMS_TOPK_TEST),

@@ -1,0 +1,133 @@
+"""torchvision's RPN with its per-image training targets, sampling and proposal filtering done for the whole batch.
+
+Same anchors, head, matching rule (with low-quality matches), sampling distribution, losses and proposals as
+``torchvision.models.detection.rpn.RegionProposalNetwork``; what changes is how often the host waits for the
+device. torchvision matches, samples and filters one image at a time, sizing tensors by the data
+(``nonzero``) several times per image and level; here the only value-dependent sizes left are NMS's own
+outputs (one call per image and level, as torchvision's ``batched_nms`` makes for RPN-sized inputs).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
+from torchvision.ops import nms
+
+from .sampling import batched_box_iou, pad_boxes, sample_balanced, sampled_mask
+
+# IoU matrices bigger than this many elements are built a few images at a time (LVIS images can have
+# hundreds of boxes against ~250k anchors at 1024 px)
+MAX_IOU_ELEMENTS = 1 << 26
+
+
+class BatchedRPN(RegionProposalNetwork):
+    """A drop-in ``RegionProposalNetwork`` (same constructor and outputs) without per-image loops in training."""
+
+    def assign_targets_to_anchors_batched(self, anchors: Tensor, gt_boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Labels [B, A] (1 fg, 0 bg, -1 ignored) and matched gt boxes [B, A, 4] for anchors shared by the images."""
+        b, a = len(gt_boxes), len(anchors)
+        if max(len(g) for g in gt_boxes) == 0:
+            return anchors.new_zeros((b, a)), anchors.new_zeros((b, a, 4))
+        gt = pad_boxes([g.to(anchors.dtype) for g in gt_boxes])  # [B, G, 4]
+        step = max(1, MAX_IOU_ELEMENTS // max(1, gt.shape[1] * a))
+        labels, matched = [], []
+        for lo in range(0, b, step):
+            lab, idx = self._match(gt[lo:lo + step], anchors)
+            labels.append(lab)
+            matched.append(gt[lo:lo + step].gather(1, idx[..., None].expand(-1, -1, 4)))
+        labels, matched = (torch.cat(labels), torch.cat(matched)) if len(labels) > 1 else (labels[0], matched[0])
+        if not all(len(g) > 0 for g in gt_boxes):
+            # an image without ground truth is all background, with zero target boxes as torchvision gives it
+            has_gt = (gt[..., 0] > -0.5).any(dim=1)
+            labels = torch.where(has_gt[:, None], labels, 0.0)
+            matched = torch.where(has_gt[:, None, None], matched, 0.0)
+        return labels, matched
+
+    def _match(self, gt: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor]:
+        # torchvision's Matcher(fg, bg, allow_low_quality_matches=True), over a [b, G, A] IoU matrix
+        valid_gt = gt[..., 0] > -0.5
+        iou = batched_box_iou(gt, anchors.expand(len(gt), -1, -1))
+        iou = torch.where(valid_gt[..., None], iou, -1.0)  # padding never wins a match
+        best, idx = iou.max(dim=1)  # [b, A]
+        m = self.proposal_matcher
+        labels = torch.where(best >= m.high_threshold, 1.0, torch.where(best < m.low_threshold, 0.0, -1.0))
+        # low-quality matches: the anchors that some gt overlaps most (ties included) are foreground
+        best_per_gt = iou.max(dim=2, keepdim=True).values
+        top = ((iou == best_per_gt) & valid_gt[..., None]).any(dim=1)
+        return torch.where(top, 1.0, labels), idx
+
+    def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes: list[tuple[int, int]],
+                         num_anchors_per_level: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+        """Top-n per level, clip, drop tiny and low-scoring boxes, NMS per level, keep the best post-NMS top-n."""
+        n_img = proposals.shape[0]
+        objectness = objectness.detach().reshape(n_img, -1)
+        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)
+        scores = torch.sigmoid(objectness.gather(1, top_n_idx))
+        boxes = proposals.gather(1, top_n_idx[..., None].expand(-1, -1, 4))
+        for i, (h, w) in enumerate(image_shapes):
+            boxes[i, :, 0::2] = boxes[i, :, 0::2].clamp(min=0, max=w)
+            boxes[i, :, 1::2] = boxes[i, :, 1::2].clamp(min=0, max=h)
+        wh = boxes[..., 2:] - boxes[..., :2]
+        ok = (wh >= self.min_size).all(dim=-1) & (scores >= self.score_thresh)
+        # a dropped box gets the lowest score: NMS visits it after every kept one, so it suppresses nothing,
+        # and it is removed afterwards; the kept boxes are exactly those of NMS over the kept subset
+        ranked = torch.where(ok, scores, -1.0)
+        sizes = [min(self.pre_nms_top_n(), n) for n in num_anchors_per_level]
+        kept, kept_scores = [], []
+        for i in range(n_img):
+            keep, lo = [], 0
+            for n in sizes:
+                keep.append(nms(boxes[i, lo:lo + n], ranked[i, lo:lo + n], self.nms_thresh) + lo)
+                lo += n
+            keep = torch.cat(keep)
+            s = ranked[i, keep]
+            order = s.sort(descending=True).indices[:self.post_nms_top_n()]
+            kept.append(keep[order])
+            kept_scores.append(s[order])
+        # dropped boxes sort last: each image's are cut off by a count, all counts in one host copy
+        counts = torch.stack([ok[i, k].sum() for i, k in enumerate(kept)]).tolist()
+        final_boxes = [boxes[i, k[:c]] for i, (k, c) in enumerate(zip(kept, counts))]
+        return final_boxes, [s[:c] for s, c in zip(kept_scores, counts)]
+
+    def compute_loss_batched(self, objectness: Tensor, deltas: Tensor, labels: Tensor,
+                             regression_targets: Tensor) -> tuple[Tensor, Tensor]:
+        """torchvision's RPN losses on a sample drawn for all images at once, by masks instead of indices."""
+        pos_idx, neg_idx, num_pos, num_neg = sample_balanced(labels == 1, labels == 0,
+                                                             self.fg_bg_sampler.batch_size_per_image,
+                                                             self.fg_bg_sampler.positive_fraction)
+        sampled = sampled_mask(pos_idx, neg_idx, num_pos, num_neg, labels.shape[1]).reshape(-1)
+        positive = sampled & (labels.reshape(-1) == 1)
+        n_sampled = (num_pos + num_neg).sum().clamp(min=1)
+        # targets of unsampled anchors can be infinite (matched to an empty image's zero boxes): replaced
+        target = torch.where(positive[:, None], regression_targets, 0.0)
+        box = F.smooth_l1_loss(deltas, target, beta=1 / 9, reduction="none")
+        box_loss = torch.where(positive[:, None], box, 0.0).sum() / n_sampled
+        bce = F.binary_cross_entropy_with_logits(objectness.flatten(), labels.reshape(-1).clamp(min=0),
+                                                 reduction="none")
+        return torch.where(sampled, bce, 0.0).sum() / n_sampled, box_loss
+
+    def forward(self, images: ImageList, features: dict[str, Tensor],
+                targets: list[dict[str, Tensor]] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """Proposals per image and, in training, the objectness and box losses."""
+        features = list(features.values())
+        objectness, pred_bbox_deltas = self.head(features)
+        anchors = self.anchor_generator(images, features)
+        num_images = len(anchors)
+        num_anchors_per_level = [o[0].numel() for o in objectness]
+        objectness, pred_bbox_deltas = concat_box_prediction_layers(objectness, pred_bbox_deltas)
+        proposals = self.box_coder.decode(pred_bbox_deltas.detach(), anchors).view(num_images, -1, 4)
+        boxes, scores = self.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
+        losses = {}
+        if self.training:
+            if targets is None:
+                raise ValueError("training the RPN needs targets")
+            # the anchor generator gives every image of a batch the same anchors (one padded size)
+            labels, matched = self.assign_targets_to_anchors_batched(anchors[0], [t["boxes"] for t in targets])
+            regression_targets = self.box_coder.encode_single(matched.reshape(-1, 4),
+                                                              anchors[0].repeat(num_images, 1))
+            loss_objectness, loss_box = self.compute_loss_batched(objectness, pred_bbox_deltas, labels,
+                                                                  regression_targets)
+            losses = {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_box}
+        return boxes, losses
