@@ -290,10 +290,13 @@ def training(ctx: Context) -> dict:
                     "flop_rate_ratio": round(out["vild"]["gflop_per_s"] / out["torchvision"]["gflop_per_s"], 3)}
     # what the host issues per step: where a GPU waits for the host, this bounds the step, not the FLOPs
     ops = {kind: runs[kind][0]["dispatch"] for kind in runs}
-    out["dispatch"] = {"measure": "ops dispatched per training step (forward, backward, optimizer) and those whose "
-                                  "output size depends on values (each a host-device synchronisation on a GPU)",
+    out["dispatch"] = {"measure": "ops dispatched by a training step's forward and backward (the SGD step's apart, "
+                                  "as optimizer_ops) and those whose output size depends on values (each a "
+                                  "host-device synchronisation on a GPU)",
+                       "ops": {k: v["ops"] for k, v in ops.items()},
                        "ops_ratio_vild_over_torchvision": round(ops["vild"]["ops"] / ops["torchvision"]["ops"], 3),
-                       "value_sized_ops": {k: v["value_sized_ops"] for k, v in ops.items()}}
+                       "value_sized_ops": {k: v["value_sized_ops"] for k, v in ops.items()},
+                       "optimizer_ops": {k: v["optimizer_ops"] for k, v in ops.items()}}
     note = ""
     if ratio < 0.9 and flop_bound < 0.9:
         note = (f"a ViLD step does {gf['vild'] / gf['torchvision']:.2f}x torchvision's FLOPs, so at torchvision's "
@@ -350,12 +353,16 @@ def train_worker(args) -> dict:
     targets = _train_targets(kind, b, size, args.distill_proposals, dev)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=4e-5)
 
-    def step():
+    def forward_backward():
         with autocast(dev, args.train_dtype):
             losses = model(images, targets)
         total = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         total.backward()
+        return losses
+
+    def step():
+        losses = forward_backward()
         opt.step()
         return losses
 
@@ -371,8 +378,11 @@ def train_worker(args) -> dict:
         if i >= args.warmup:
             times.append(dt)
     flops = _flops(step)  # after the timed steps: the counting mode slows a step down
+    # counted apart: torch's SGD takes a few foreach ops on a GPU but one set per parameter on the CPU
     with DispatchCounter() as counter:
-        step()
+        forward_backward()
+    with DispatchCounter() as opt_counter:
+        opt.step()
     profile = _profile_step(step, dev) if args.profile_train else None
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20
@@ -389,7 +399,8 @@ def train_worker(args) -> dict:
         extra = {"process_max_rss_mib": round(max(rss1, sampled["max_kib"]) / 1024, 1),
                  "ru_maxrss_delta_mib": round((rss1 - rss0) / 1024, 1),
                  "sampled_rss_delta_mib": round((sampled["max_kib"] - sampled["start_kib"]) / 1024, 1)}
-    return {"model": kind, "step_seconds": times, "gflop_per_step": round(flops / 1e9, 2), "dispatch": counter.result(),
+    return {"model": kind, "step_seconds": times, "gflop_per_step": round(flops / 1e9, 2),
+            "dispatch": {**counter.result(), "optimizer_ops": opt_counter.ops},
             "peak_memory_mib": round(peak, 1), "memory_measure": measure,
             "losses": {k: round(float(v.detach()), 4) for k, v in losses.items()}, "profile": profile, **extra}
 

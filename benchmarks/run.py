@@ -176,6 +176,13 @@ def markdown(results: dict) -> str:
                          f"{t['torchvision']['gflop_per_s']:.0f} | {t['flops']['flop_rate_ratio']:.2f}× | — |")
         lines.append(f"| training peak memory (MiB) | {t['vild']['peak_memory_mib']:.0f} | "
                      f"{t['torchvision']['peak_memory_mib']:.0f} | {t['memory_ratio']:.2f}× | — |")
+        d = t.get("dispatch")
+        if d:
+            v, b = d["value_sized_ops"]["vild"], d["value_sized_ops"]["torchvision"]
+            lines.append(f"| training ops dispatched per forward + backward | {d['ops']['vild']} | "
+                         f"{d['ops']['torchvision']} | {d['ops_ratio_vild_over_torchvision']:.2f}× | — |")
+            lines.append(f"| … of which value-sized (a host wait each on a GPU) | {v} | {b} | "
+                         f"{v / max(b, 1):.2f}× | — |")
         pv, pt = (t[k].get("profiled_step") or {} for k in ("vild", "torchvision"))
         if "device_busy_fraction" in pv and "device_busy_fraction" in pt:
             lines.append(f"| training: GPU busy in a profiled step (ms of kernels / ms wall) | "

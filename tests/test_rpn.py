@@ -115,3 +115,17 @@ def test_losses_are_torchvisions_on_the_same_sample():
     want_obj = F.binary_cross_entropy_with_logits(objectness.flatten()[inds], labels.reshape(-1)[inds])
     assert inds.numel() == 128 and torch.isfinite(box_loss)
     assert torch.allclose(obj_loss, want_obj) and torch.allclose(box_loss, want_box)
+
+
+def test_proposals_are_decoded_in_fp32_under_bf16_autocast():
+    _, ours = _pair(pre=200, post=100)
+    ours.eval()
+    images, _ = _features(batch=2, h=512, w=512)
+    g = torch.Generator().manual_seed(1)
+    feats = {str(i): torch.randn(2, 8, 512 // s, 512 // s, generator=g) for i, s in enumerate((4, 8, 16))}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        boxes, _ = ours(images, feats)
+    assert all(b.dtype == torch.float32 for b in boxes)
+    # bf16 would put coordinates above 256 px on a 2-px grid, above 512 on a 4-px grid
+    big = torch.cat(boxes)[torch.cat(boxes) > 256]
+    assert big.numel() and (big.frac() != 0).float().mean() > 0.9

@@ -18,8 +18,9 @@ from torchvision.ops import nms
 from .sampling import batched_box_iou, pad_boxes, sample_balanced, sampled_mask
 
 # IoU matrices bigger than this many elements are built a few images at a time (LVIS images can have
-# hundreds of boxes against ~250k anchors at 1024 px)
-MAX_IOU_ELEMENTS = 1 << 26
+# hundreds of boxes against ~250k anchors at 1024 px); at 2^24 (64 MB a matrix) the matching's temporaries
+# stay at a few hundred MB, less than torchvision's per-image box_iou takes for one image with 60 boxes
+MAX_IOU_ELEMENTS = 1 << 24
 
 
 class BatchedRPN(RegionProposalNetwork):
@@ -66,22 +67,24 @@ class BatchedRPN(RegionProposalNetwork):
         top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)
         scores = torch.sigmoid(objectness.gather(1, top_n_idx))
         boxes = proposals.gather(1, top_n_idx[..., None].expand(-1, -1, 4))
+        xs, ys = boxes[..., 0::2], boxes[..., 1::2]  # views: clamping them in place clips the boxes
         for i, (h, w) in enumerate(image_shapes):
-            boxes[i, :, 0::2] = boxes[i, :, 0::2].clamp(min=0, max=w)
-            boxes[i, :, 1::2] = boxes[i, :, 1::2].clamp(min=0, max=h)
+            xs[i].clamp_(min=0, max=w)
+            ys[i].clamp_(min=0, max=h)
         wh = boxes[..., 2:] - boxes[..., :2]
         ok = (wh >= self.min_size).all(dim=-1) & (scores >= self.score_thresh)
         # a dropped box gets the lowest score: NMS visits it after every kept one, so it suppresses nothing,
         # and it is removed afterwards; the kept boxes are exactly those of NMS over the kept subset
         ranked = torch.where(ok, scores, -1.0)
         sizes = [min(self.pre_nms_top_n(), n) for n in num_anchors_per_level]
+        # per level, every image's rows as views (two ops a level instead of four per image and level)
+        level_boxes = [lv.unbind(0) for lv in boxes.split(sizes, dim=1)]
+        level_ranked = [lv.unbind(0) for lv in ranked.split(sizes, dim=1)]
+        offsets = [sum(sizes[:j]) for j in range(len(sizes))]
         kept, kept_scores = [], []
         for i in range(n_img):
-            keep, lo = [], 0
-            for n in sizes:
-                keep.append(nms(boxes[i, lo:lo + n], ranked[i, lo:lo + n], self.nms_thresh) + lo)
-                lo += n
-            keep = torch.cat(keep)
+            keep = torch.cat([nms(lb[i], lr[i], self.nms_thresh) + off
+                              for lb, lr, off in zip(level_boxes, level_ranked, offsets)])
             s = ranked[i, keep]
             order = s.sort(descending=True).indices[:self.post_nms_top_n()]
             kept.append(keep[order])
@@ -117,7 +120,9 @@ class BatchedRPN(RegionProposalNetwork):
         num_images = len(anchors)
         num_anchors_per_level = [o[0].numel() for o in objectness]
         objectness, pred_bbox_deltas = concat_box_prediction_layers(objectness, pred_bbox_deltas)
-        proposals = self.box_coder.decode(pred_bbox_deltas.detach(), anchors).view(num_images, -1, 4)
+        # decoded in fp32 under autocast too: bf16 has 8 significant bits, so proposals at 512-1024 px would
+        # snap to a 4-px grid before RoIAlign pools them (torchvision decodes in the deltas' dtype)
+        proposals = self.box_coder.decode(pred_bbox_deltas.detach().float(), anchors).view(num_images, -1, 4)
         boxes, scores = self.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
         losses = {}
         if self.training:

@@ -28,15 +28,18 @@ def box_valid(padded: Tensor) -> Tensor:
 
 
 def batched_box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU of [B, G, 4] and [B, N, 4] xyxy boxes: [B, G, N] (0 where a box has no area)."""
+    """IoU of [B, G, 4] and [B, N, 4] xyxy boxes: [B, G, N] (0 where a box has no area).
+
+    Three [B, G, N] temporaries at most (no [B, G, N, 2] corner tensors): these matrices reach tens of
+    millions of entries against an RPN's anchors.
+    """
     area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
     area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
-    lt = torch.maximum(a[:, :, None, :2], b[:, None, :, :2])
-    rb = torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area_a[:, :, None] + area_b[:, None, :] - inter
-    return inter / union.clamp(min=torch.finfo(union.dtype).tiny)
+    a, b = a[:, :, None], b[:, None]
+    inter = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp_(min=0)
+    inter *= (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp_(min=0)
+    union = (area_a[:, :, None] + area_b[:, None, :]).sub_(inter).clamp_(min=torch.finfo(inter.dtype).tiny)
+    return inter.div_(union)
 
 
 def sample_balanced(positive: Tensor, negative: Tensor, batch_size: int, positive_fraction: float

@@ -63,7 +63,7 @@ class ViLD(nn.Module):
             anchors = self.rpn.anchor_generator(batch, features)
             per_level = [o[0].numel() for o in objectness]
             objectness, deltas = concat_box_prediction_layers(objectness, deltas)
-            boxes = self.rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+            boxes = self.rpn.box_coder.decode(deltas.detach().float(), anchors).view(len(anchors), -1, 4)
             boxes, scores = self.rpn.filter_proposals(boxes, objectness, batch.image_sizes, per_level)
         finally:
             self.train(was_training)
