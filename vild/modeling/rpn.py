@@ -48,9 +48,8 @@ class BatchedRPN(RegionProposalNetwork):
 
     def _match(self, gt: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor]:
         # torchvision's Matcher(fg, bg, allow_low_quality_matches=True), over a [b, G, A] IoU matrix
-        valid_gt = gt[..., 0] > -0.5
-        iou = batched_box_iou(gt, anchors.expand(len(gt), -1, -1))
-        iou = torch.where(valid_gt[..., None], iou, -1.0)  # padding never wins a match
+        valid_gt = gt[..., 0] > -0.5  # padding rows get IoU -1: they never win a match
+        iou = batched_box_iou(gt, anchors.expand(len(gt), -1, -1)).masked_fill_(~valid_gt[..., None], -1.0)
         best, idx = iou.max(dim=1)  # [b, A]
         m = self.proposal_matcher
         labels = torch.where(best >= m.high_threshold, 1.0, torch.where(best < m.low_threshold, 0.0, -1.0))
