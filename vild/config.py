@@ -157,7 +157,7 @@ _DEFAULTS: dict = {
             "BATCH_SIZE_PER_IMAGE": 512,
             "POSITIVE_FRACTION": 0.25,
             "FG_IOU_THRESH": 0.5,
-            "BG_IOU_THRESH": 0.5,
+            "BG_IOU_THRESH": 0.5,  # below: background; between it and FG_IOU_THRESH: left out of the sample
             "SCORE_THRESH_TEST": 0.0,
             "NMS_THRESH_TEST": 0.5,
             "DETECTIONS_PER_IMAGE": 300,
