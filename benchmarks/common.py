@@ -112,7 +112,7 @@ class DispatchCounter:
     """Counts the ops a piece of code dispatches (forward, backward, optimizer), and those whose output size
     depends on tensor values: on a GPU each of those makes the host wait for the device.
 
-    Counted at the dispatcher, below autograd: the same ops on any device, so a CPU run counts what a GPU
+    Counted at the dispatcher, below autograd: but for device-specific code paths, a CPU run counts what a GPU
     run's host issues. ``tolist()`` / ``.cpu()`` copies do not dispatch on a CPU tensor and are not seen.
     """
 
