@@ -40,9 +40,9 @@ class BatchedRPN(RegionProposalNetwork):
             matched.append(gt[lo:lo + step].gather(1, idx[..., None].expand(-1, -1, 4)))
         labels, matched = (torch.cat(labels), torch.cat(matched)) if len(labels) > 1 else (labels[0], matched[0])
         if not all(len(g) > 0 for g in gt_boxes):
-            # an image without ground truth is all background, with zero target boxes as torchvision gives it
+            # an image without ground truth is all background already (padding never matches); its target
+            # boxes are zeros, as torchvision gives them, not the padding
             has_gt = (gt[..., 0] > -0.5).any(dim=1)
-            labels = torch.where(has_gt[:, None], labels, 0.0)
             matched = torch.where(has_gt[:, None, None], matched, 0.0)
         return labels, matched
 
@@ -110,19 +110,24 @@ class BatchedRPN(RegionProposalNetwork):
                                                  reduction="none")
         return torch.where(sampled, bce, 0.0).sum() / n_sampled, box_loss
 
-    def forward(self, images: ImageList, features: dict[str, Tensor],
-                targets: list[dict[str, Tensor]] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
-        """Proposals per image and, in training, the objectness and box losses."""
+    def propose(self, images: ImageList, features: dict[str, Tensor]
+                ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor, list[Tensor]]:
+        """Proposals and their objectness probabilities per image, with the head's raw outputs and the anchors."""
         features = list(features.values())
         objectness, pred_bbox_deltas = self.head(features)
         anchors = self.anchor_generator(images, features)
-        num_images = len(anchors)
         num_anchors_per_level = [o[0].numel() for o in objectness]
         objectness, pred_bbox_deltas = concat_box_prediction_layers(objectness, pred_bbox_deltas)
         # decoded in fp32 under autocast too: bf16 has 8 significant bits, so proposals at 512-1024 px would
         # snap to a 4-px grid before RoIAlign pools them (torchvision decodes in the deltas' dtype)
-        proposals = self.box_coder.decode(pred_bbox_deltas.detach().float(), anchors).view(num_images, -1, 4)
+        proposals = self.box_coder.decode(pred_bbox_deltas.detach().float(), anchors).view(len(anchors), -1, 4)
         boxes, scores = self.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
+        return boxes, scores, objectness, pred_bbox_deltas, anchors
+
+    def forward(self, images: ImageList, features: dict[str, Tensor],
+                targets: list[dict[str, Tensor]] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """Proposals per image and, in training, the objectness and box losses."""
+        boxes, _, objectness, pred_bbox_deltas, anchors = self.propose(images, features)
         losses = {}
         if self.training:
             if targets is None:
@@ -130,7 +135,7 @@ class BatchedRPN(RegionProposalNetwork):
             # the anchor generator gives every image of a batch the same anchors (one padded size)
             labels, matched = self.assign_targets_to_anchors_batched(anchors[0], [t["boxes"] for t in targets])
             regression_targets = self.box_coder.encode_single(matched.reshape(-1, 4),
-                                                              anchors[0].repeat(num_images, 1))
+                                                              anchors[0].repeat(len(anchors), 1))
             loss_objectness, loss_box = self.compute_loss_batched(objectness, pred_bbox_deltas, labels,
                                                                   regression_targets)
             losses = {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_box}

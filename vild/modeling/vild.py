@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
 from .backbone import build_backbone, norm_layer_for
@@ -58,13 +58,7 @@ class ViLD(nn.Module):
         self.eval()
         try:
             batch, original_sizes = self.preprocessor(images)
-            features = list(self.backbone(batch.tensors).values())
-            objectness, deltas = self.rpn.head(features)
-            anchors = self.rpn.anchor_generator(batch, features)
-            per_level = [o[0].numel() for o in objectness]
-            objectness, deltas = concat_box_prediction_layers(objectness, deltas)
-            boxes = self.rpn.box_coder.decode(deltas.detach().float(), anchors).view(len(anchors), -1, 4)
-            boxes, scores = self.rpn.filter_proposals(boxes, objectness, batch.image_sizes, per_level)
+            boxes, scores, *_ = self.rpn.propose(batch, self.backbone(batch.tensors))
         finally:
             self.train(was_training)
         out = []
