@@ -72,9 +72,9 @@ class ViLDRoIHeads(nn.Module):
         Candidates with IoU in [bg_iou_thresh, fg_iou_thresh) are left out (the default single 0.5 makes none).
         """
         gts = [t["boxes"].to(p.dtype) for p, t in zip(proposals, targets)]
-        cands = torch.cat([pad_boxes(proposals), pad_boxes(gts)], dim=1)  # [B, N, 4], -1 rows are padding
-        valid = box_valid(cands)
         gt_boxes = pad_boxes(gts)
+        cands = torch.cat([pad_boxes(proposals), gt_boxes], dim=1)  # [B, N, 4], -1 rows are padding
+        valid = box_valid(cands)
         g = gt_boxes.shape[1]
         if g:
             gt_labels = torch.nn.utils.rnn.pad_sequence([t["labels"] for t in targets], batch_first=True,
