@@ -425,7 +425,7 @@ def _profile_step(fn, device: torch.device, top: int = 8) -> dict:
     names = [e.name for e in events if e.device_type == DeviceType.CPU]
     out = {"wall_ms": round(wall * 1e3, 1), "aten_ops": sum(n.startswith("aten::") for n in names),
            # ops whose output size depends on values: on a GPU each waits for the device (a host sync)
-           "sync_ops": {n: names.count(n) for n in _SYNC_OPS if n in names},
+           "sync_ops": {n: names.count(n) for n in DispatchCounter.VALUE_SIZED if n in names},
            "top_ops_self_cpu_ms": _top(prof, "self_cpu_time_total", top)}
     if cuda:
         kernels = [e for e in events if e.device_type == DeviceType.CUDA]
@@ -437,7 +437,6 @@ def _profile_step(fn, device: torch.device, top: int = 8) -> dict:
     return out
 
 
-_SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2", "torchvision::nms")
 _SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
                "cudaMemcpyAsync")
 
