@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test test-gpu gpu-wheels demo demo-fast bench clean
+.PHONY: setup test test-oldest test-gpu gpu-wheels demo demo-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -16,6 +16,13 @@ $(VENV)/.installed: pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# the suite on the oldest Python and torch vild supports, in its own venv (PyPI's CUDA build of torch:
+# about 2.5 GB to download)
+OLDEST_PYTHON ?= python3.10
+OLDEST_TORCH ?= torch==2.4.1 torchvision==0.19.1
+test-oldest:
+	$(MAKE) PYTHON=$(OLDEST_PYTHON) VENV=.venv-oldest TORCH_PINS="$(OLDEST_TORCH)" test
 
 # CUDA-only tests (tests/gpu); collected only where torch sees a GPU
 test-gpu: setup

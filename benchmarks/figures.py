@@ -142,7 +142,7 @@ def inference(ctx: Context) -> dict:
     tuned = _against_channels_last_torchvision(ctx, vild, tv) if not ctx.cuda and "fp32" in a.dtypes else None
     # the work behind one image (fp32, batch 1): ViLD's head does more, its post-processing less
     imgs = random_images(1, a.size, dev, seed=1)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: torch 2.4's FlopCounterMode counts nothing under it
         gf = {"vild": _flops(lambda: vild(imgs)) / 1e9,
               "torchvision": _flops(lambda: tv([i.float() / 255.0 for i in imgs])) / 1e9}
     flops = {"measure": "matmul + convolution FLOPs of one fp32 forward of one image (torch.utils.flop_counter)",
@@ -468,7 +468,7 @@ def precompute(ctx: Context) -> dict:
     import numpy as np
 
     from vild.data import ProposalStoreWriter
-    from vild.engine.precompute import embed_into_store
+    from vild.engine.precompute import batches_of, embed_into_store, image_loader
     a, dev = ctx.args, ctx.device
     teacher = ctx.teacher()
     n_img, p = a.precompute_images, a.precompute_proposals
@@ -489,16 +489,16 @@ def precompute(ctx: Context) -> dict:
                for r in range(rounds)]
 
     pipeline_stats: list[dict] = []
-    loader = torch.utils.data.DataLoader(_JpegFiles(files), batch_size=a.precompute_batch,
-                                         num_workers=a.precompute_workers, collate_fn=_jpeg_collate,
-                                         pin_memory=ctx.cuda, persistent_workers=a.precompute_workers > 0)
+    loader = image_loader(_JpegFiles(files), a.precompute_batch, a.precompute_workers, pin_memory=ctx.cuda,
+                          persistent_workers=a.precompute_workers > 0)
 
     def writer_path():
         # the precompute tool's own loop (vild.engine.precompute.embed_into_store): decoding in loader
         # workers, crops by roi_align on the device, store writes on a background thread
         w = writers.pop(0)
         st: dict = {}
-        embed_into_store(iter(loader), teacher, w, lambda ids, images: [boxes[i] for i in ids], stats=st)
+        embed_into_store(batches_of(loader, a.precompute_batch, _jpeg_collate), teacher, w,
+                         lambda ids, images: [boxes[i] for i in ids], stats=st)
         w.close()
         pipeline_stats.append({k: round(v, 4) for k, v in st.items()})
 
@@ -516,7 +516,7 @@ def precompute(ctx: Context) -> dict:
     times = interleaved({"writer": writer_path, "encode_image": encode_image}, dev, a.repeats, a.warmup,
                         label="precompute")
     # where the writer's extra time goes: the crops alone and embed_regions alone, on images already on the device
-    decoded = [im.to(dev) for _, ims in loader for im in ims]
+    decoded = [im.to(dev) for _, im in loader]
 
     def crops_only():
         for _ in teacher.region_crops(decoded, boxes):

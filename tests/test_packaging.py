@@ -22,8 +22,9 @@ def installed(tmp_path_factory) -> dict:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / "vild", src / "vild", ignore=shutil.ignore_patterns("__pycache__"))
-    # offline and fast with the venv's setuptools (torch depends on it); else pip fetches one
-    isolation = ["--no-build-isolation"] if _has("setuptools") else []
+    # offline and fast with the venv's setuptools (recent torch depends on it) if it can build wheels by itself
+    # (70.1 and newer, or with the wheel package); else pip fetches a build environment
+    isolation = ["--no-build-isolation"] if _can_build_wheels() else []
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run(pip + ["wheel", "--no-deps", *isolation, "-w", str(root / "dist"), str(src)], check=True)
     wheel = next((root / "dist").glob("vild-*.whl"))
@@ -37,6 +38,14 @@ def installed(tmp_path_factory) -> dict:
 def _has(module: str) -> bool:
     import importlib.util
     return importlib.util.find_spec(module) is not None
+
+
+def _can_build_wheels() -> bool:
+    if not _has("setuptools"):
+        return False
+    from importlib.metadata import version
+    major, minor = (int(p) for p in version("setuptools").split(".")[:2])
+    return (major, minor) >= (70, 1) or _has("wheel")
 
 
 def _py(installed: dict, code: str) -> str:
