@@ -298,3 +298,51 @@ def test_same_weights_under_another_activation_are_another_teacher():
     assert "GELU" in teacher_mismatch(gelu, {**gelu, "quick_gelu": True})
     assert teacher_mismatch(gelu, dict(gelu)) == ""
     assert teacher_mismatch({"model": "ViT-B-32", "pretrained": "openai"}, gelu) == ""  # unrecorded: unknown
+
+
+# ---- crop kernels --------------------------------------------------------------------------------------
+def _edge_boxes(h: int, w: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    wh = torch.rand(40, 2, generator=g) * torch.tensor([w, h]) * 0.95 + 0.5
+    xy = torch.rand(40, 2, generator=g) * (torch.tensor([w, h]) - wh)
+    edges = torch.tensor([[0, 0, w, h],  # the whole image: most samples per bin, both last pixels clamped
+                          [0.3, 0.2, 5.7, 2.1],  # smaller than the output: one sample per bin
+                          [w - 3, h - 3, w, h],  # the bottom-right corner
+                          [10, 0, 10, h],  # empty: roi_align returns zeros
+                          [0, 7.5, w, 8.25]], dtype=torch.float32)  # a sliver across the image
+    return torch.cat([edges, torch.cat([xy, xy + wh], 1)])
+
+
+def test_matmul_crops_equal_roi_align():
+    from vild.teacher import crops as crops_mod
+    torch.manual_seed(0)
+    h, w = 150, 410  # not square, and crops not square either: catches swapped axes
+    image = torch.randn(3, h, w)
+    boxes = _edge_boxes(h, w)
+    ref = crops_mod.crop_boxes(image, boxes, (24, 40), "roi_align")
+    got = crops_mod.crop_boxes(image, boxes, (24, 40), "matmul")
+    assert got.shape == ref.shape == (len(boxes), 3, 24, 40)
+    assert (got - ref).abs().max() < 1e-5
+    assert ref[3].abs().max() == 0 and ref[0].abs().max() > 0.1
+    old, crops_mod.MATMUL_MAX_ELEMENTS = crops_mod.MATMUL_MAX_ELEMENTS, 24 * 3 * w * 7  # 7 boxes per matmul
+    try:
+        assert torch.equal(crops_mod.crop_boxes(image, boxes, (24, 40), "matmul"), got)
+    finally:
+        crops_mod.MATMUL_MAX_ELEMENTS = old
+    assert crops_mod.crop_boxes(image, boxes[:0], (24, 40), "matmul").shape == (0, 3, 24, 40)
+
+
+def test_crop_kernels_give_the_same_region_embeddings(tmp_path):
+    from vild.teacher.crops import resolve_crop_kernel
+    torch.manual_seed(0)
+    a = CLIPTeacher(MICRO, "", cache_dir=str(tmp_path), templates="simple")
+    torch.manual_seed(0)
+    b = CLIPTeacher(MICRO, "", cache_dir=str(tmp_path), templates="simple", crop_kernel="matmul")
+    assert a.crop_kernel == "roi_align" and b.crop_kernel == "matmul"  # auto on the CPU: roi_align
+    images = [_image(), _image(33, 90, seed=2)]
+    boxes = [_edge_boxes(48, 64)[:12], _edge_boxes(33, 90)]
+    for x, y in zip(a.embed_regions(images, boxes), b.embed_regions(images, boxes)):
+        assert (x - y).abs().max() < 1e-5
+    assert resolve_crop_kernel("auto", torch.device("cuda")) == "matmul"
+    with pytest.raises(ValueError, match="TEACHER.CROP_KERNEL"):
+        CLIPTeacher(MICRO, "", cache_dir=str(tmp_path), crop_kernel="bicubic")
