@@ -1,5 +1,6 @@
 """Tiny-teacher pretraining: loss goes down, weights round-trip through open_clip, accuracy plumbing."""
 import json
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -63,7 +64,7 @@ class _OracleTeacher:
     """Embeds each world box as the one-hot of its true (or shifted) category."""
 
     def __init__(self, lvis_json, shift=0):
-        data = json.load(open(lvis_json))
+        data = json.loads(Path(lvis_json).read_text())
         names = {c["id"]: c["name"] for c in data["categories"]}
         self.label = {tuple(a["bbox"][:2] + [a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]):
                       CATEGORY_NAMES.index(names[a["category_id"]]) for a in data["annotations"]}
@@ -81,7 +82,7 @@ def test_zero_shot_accuracy_on_world_boxes(tmp_path, trained):
     world = generate_world(str(tmp_path / "w"), seed=2, num_train=2, num_val=6)
     perfect = zero_shot_accuracy(_OracleTeacher(world["lvis_val"]), world)
     assert perfect["all"] == perfect["base"] == perfect["novel"] == 1.0
-    assert perfect["n"] == len(json.load(open(world["lvis_val"]))["annotations"])
+    assert perfect["n"] == len(json.loads(Path(world["lvis_val"]).read_text())["annotations"])
     assert zero_shot_accuracy(_OracleTeacher(world["lvis_val"], shift=1), world)["all"] == 0.0
     d, _, _ = trained  # the real CLIPTeacher path runs end to end on saved weights
     real = region_zero_shot_accuracy(str(d / "a.pt"), world, cache_dir=str(tmp_path / "cache"))

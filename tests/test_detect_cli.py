@@ -36,14 +36,17 @@ def test_folder_with_bad_files_processes_the_rest_and_fails_at_the_end(ckpt, ima
     assert str(images["truncated.jpg"]) in cap.err and str(images["notes.jpg"]) in cap.err
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == GOOD
-    assert Image.open(tmp_path / "out" / "exif.jpg").size == (32, 64), "EXIF-rotated output keeps the rotated shape"
-    assert Image.open(tmp_path / "out" / "deep.png").mode == "RGB"
+    with Image.open(tmp_path / "out" / "exif.jpg") as im:
+        assert im.size == (32, 64), "EXIF-rotated output keeps the rotated shape"
+    with Image.open(tmp_path / "out" / "deep.png") as im:
+        assert im.mode == "RGB"
 
 
 def test_single_file_json_round_trips_through_pycocotools(ckpt, images, tmp_path):
     gt = {"images": [], "annotations": [], "categories": [{"id": 7, "name": "circle"}, {"id": 3, "name": "Square"}]}
     for i, name in enumerate(GOOD):
-        w, h = Image.open(images[name]).size
+        with Image.open(images[name]) as im:
+            w, h = im.size
         h, w = (64, 32) if name == "exif.jpg" else (h, w)
         gt["images"].append({"id": 100 + i, "file_name": name, "height": h, "width": w})
         gt["annotations"].append({"id": i + 1, "image_id": 100 + i, "category_id": 7, "bbox": [4, 4, 20, 20],
@@ -167,7 +170,8 @@ def test_default_score_threshold_depends_on_the_variant(ckpt, images, tmp_path, 
     assert main(args) == 0
     assert "score threshold 0.3" in capsys.readouterr().err
     assert all(d["score"] >= 0.3 for d in json.loads((tmp_path / "detections.json").read_text()))
-    assert Image.open(tmp_path / "color.png").size == (64, 48)
+    with Image.open(tmp_path / "color.png") as im:
+        assert im.size == (64, 48)
 
 
 def test_lvis_ground_truth_ids_and_inputs_it_does_not_list(ckpt, images, tmp_path, capsys):

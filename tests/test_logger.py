@@ -1,9 +1,11 @@
-"""Training log helpers: losses averaged over a logging window, and an ETA that ignores pauses."""
+"""Training log helpers: losses averaged over a logging window, an ETA that ignores pauses, the log file."""
+import logging
+
 import pytest
 import torch
 
 from vild.engine import logger as logger_mod
-from vild.engine.logger import ETA, LossWindow
+from vild.engine.logger import ETA, LossWindow, setup_logger
 
 
 def test_loss_window_averages_each_loss_and_their_total():
@@ -30,3 +32,15 @@ def test_eta_excludes_time_spent_outside_training(monkeypatch):
     now[0] += 10.0
     spi, _ = eta(19)
     assert spi == pytest.approx(1.0)
+
+
+def test_setting_up_the_logger_again_closes_the_old_log_file(tmp_path):
+    first = setup_logger(tmp_path / "a")
+    old = next(h for h in first.handlers if isinstance(h, logging.FileHandler))
+    first.info("to a")
+    second = setup_logger(tmp_path / "b")
+    second.info("to b")
+    assert old.stream is None  # closed, not left for the garbage collector
+    assert (tmp_path / "a" / "log.txt").read_text().strip().endswith("to a")
+    assert "to a" not in (tmp_path / "b" / "log.txt").read_text()
+    setup_logger(None)  # leaves no file open behind this test

@@ -2,6 +2,7 @@
 import filecmp
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -38,7 +39,7 @@ def test_split_and_frequencies(worlds):
     w = worlds["a"]
     assert len(CATEGORY_NAMES) >= 12 and set(w["novel_names"]) == set(NOVEL_NAMES)
     assert set(w["base_names"]) | set(w["novel_names"]) == set(CATEGORY_NAMES)
-    freq = {c["name"]: c["frequency"] for c in json.load(open(w["lvis_train"]))["categories"]}
+    freq = {c["name"]: c["frequency"] for c in json.loads(Path(w["lvis_train"]).read_text())["categories"]}
     assert {n for n, f in freq.items() if f == "r"} == set(NOVEL_NAMES)
     assert {freq[n] for n in w["base_names"]} == {"c", "f"}
 

@@ -21,6 +21,8 @@ def setup_logger(output_dir: str | Path | None, rank: int = 0, name: str = "vild
     logger.propagate = False
     for h in list(logger.handlers):
         logger.removeHandler(h)
+        if isinstance(h, logging.FileHandler):
+            h.close()  # a run in the same process (a notebook, the tests) would otherwise leak the old log file
     fmt = logging.Formatter(f"[%(asctime)s{'' if rank == 0 else f' r{rank}'}] %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)

@@ -143,10 +143,12 @@ def _load_world_boxes(world: dict | str, split: str, names: list[str], max_image
     import cv2
 
     path = world if isinstance(world, str) else world[f"lvis_{split}"]
-    data = json.load(open(path))
+    with open(path) as f:
+        data = json.load(f)
     if "annotations" not in data:  # world_info.json: paths in it are relative to its folder
         path = os.path.join(os.path.dirname(os.path.abspath(path)), data[f"lvis_{split}"])
-        data = json.load(open(path))
+        with open(path) as f:
+            data = json.load(f)
     cat_name = {c["id"]: c["name"] for c in data["categories"]}
     by_image: dict[int, list] = {}
     for a in data["annotations"]:
