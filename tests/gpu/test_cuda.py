@@ -97,6 +97,7 @@ def test_matmul_crops_on_cuda_match_roi_align():
         diff = (got - ref).abs()
         # fp16 rounding, simulated on the CPU: 2.5e-3 at most, 2e-4 on average (bf16 input rounding: 7e-3, 6e-4)
         assert diff.max() < 1e-2 and diff.mean() < 1e-3, (diff.max().item(), diff.mean().item())
+        assert torch.equal(crop_boxes(image, boxes, (224, 224), "matmul").float(), got)  # run to run, bit for bit
 
 
 def test_detector_on_cuda_matches_cpu(tmp_path):

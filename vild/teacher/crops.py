@@ -82,7 +82,12 @@ def axis_weights(lo: Tensor, hi: Tensor, length: int, out: int) -> Tensor:
     low = torch.where(edge, torch.full_like(low, length - 1), low)
     frac = torch.where(edge, torch.zeros_like(pos), pos - low)
     low_i = low.long()
+    high_i = (low_i + 1).clamp(max=length - 1)
+    w_low, w_high = weight * (1 - frac), weight * frac
     a = torch.zeros(len(lo), out, length, device=lo.device)
-    a.scatter_add_(2, low_i, weight * (1 - frac))
-    a.scatter_add_(2, (low_i + 1).clamp(max=length - 1), weight * frac)
+    # one sample column per call: no two additions in a call hit the same entry, so the sums come out in a
+    # fixed order (CUDA's scatter_add_ adds colliding entries atomically, in any order)
+    for j in range(most):
+        a.scatter_add_(2, low_i[..., j:j + 1], w_low[..., j:j + 1])
+        a.scatter_add_(2, high_i[..., j:j + 1], w_high[..., j:j + 1])
     return a
