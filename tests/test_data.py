@@ -27,7 +27,7 @@ from vild.data import (
     register_dataset,
 )
 from vild.data.dataset import decode_mask
-from vild.data.loader import InferenceSampler, InfiniteSampler
+from vild.data.loader import InferenceSampler, InfiniteSampler, batch_to_device
 from vild.data.transforms import DetectionTransform
 
 REPO = Path(__file__).resolve().parent.parent
@@ -275,6 +275,25 @@ def test_train_loader_batches_infinite_and_deterministic(world):
     assert ids(build_train_loader(cfg, ds, start_iter=5), 3) == first[20:]  # resuming continues the order
     cfg.DATALOADER.NUM_WORKERS = 2
     assert ids(build_train_loader(cfg, ds), 3) == first[:12]
+
+
+def test_batch_to_device_moves_every_tensor_and_keeps_the_rest(world):
+    cfg = _cfg()
+    ds = DetectionDataset(world["coco_train"], world["images_train"], "coco", "all", train=True,
+                          transforms=build_transforms(cfg, True))
+    images, targets = next(iter(build_train_loader(cfg, ds)))
+    meta = torch.device("meta")  # a device every build has, and unlike the CPU one no copy is a no-op there
+    moved_images, moved_targets = batch_to_device(images, targets, meta)
+    assert all(im.device == meta and im.shape == o.shape for im, o in zip(moved_images, images))
+    for got, t in zip(moved_targets, targets):
+        assert got.keys() == t.keys()
+        for k, v in t.items():
+            if torch.is_tensor(v):
+                assert got[k].device == meta and got[k].shape == v.shape and got[k].dtype == v.dtype, k
+            else:
+                assert got[k] == v, k
+    assert any(torch.is_tensor(v) for v in targets[0].values()) and any(not torch.is_tensor(v)
+                                                                      for v in targets[0].values())
 
 
 def test_samplers_shard_over_ranks():

@@ -100,6 +100,32 @@ def test_matmul_crops_on_cuda_match_roi_align():
         assert torch.equal(crop_boxes(image, boxes, (224, 224), "matmul").float(), got)  # run to run, bit for bit
 
 
+def test_training_batch_reaches_the_gpu_without_a_host_sync(world):
+    """The trainer's loader pins the batch on CUDA, so batch_to_device's copies do not wait for the GPU."""
+    from test_data import _cfg
+
+    from vild.data import DetectionDataset, batch_to_device, build_train_loader, build_transforms
+    cfg = _cfg()
+    ds = DetectionDataset(world["coco_train"], world["images_train"], "coco", "all", train=True,
+                          transforms=build_transforms(cfg, True))
+    images, targets = next(iter(build_train_loader(cfg, ds, pin_memory=True)))
+    tensors = lambda ts: [v for t in ts for v in t.values() if torch.is_tensor(v)]  # noqa: E731
+    assert all(x.is_pinned() for x in images + tensors(targets))
+    torch.cuda.set_sync_debug_mode("error")  # a copy that waits for the GPU raises
+    try:
+        gpu_images, gpu_targets = batch_to_device(images, targets, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(x.is_cuda for x in gpu_images + tensors(gpu_targets))
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(gpu_images + tensors(gpu_targets), images + tensors(targets)))
+    with pytest.raises(RuntimeError):  # the check can fail: a blocking copy is a sync
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            images[0].to("cuda")
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
 def test_detector_on_cuda_matches_cpu(tmp_path):
     path = make_checkpoint(tmp_path)
     img = scene(96, 128)

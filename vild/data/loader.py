@@ -91,8 +91,12 @@ def _worker_init(worker_id: int) -> None:
     cv2.setNumThreads(0)  # cv2's own thread pool fights the worker processes for cores
 
 
-def build_train_loader(cfg: Any, dataset: DetectionDataset, start_iter: int = 0) -> DataLoader:
-    """Infinite loader of SOLVER.IMS_PER_BATCH // world_size images per rank; ``start_iter`` resumes the order."""
+def build_train_loader(cfg: Any, dataset: DetectionDataset, start_iter: int = 0,
+                       pin_memory: bool = False) -> DataLoader:
+    """Infinite loader of SOLVER.IMS_PER_BATCH // world_size images per rank; ``start_iter`` resumes the order.
+
+    ``pin_memory`` (for a CUDA model) lets ``batch_to_device`` copy the batch without waiting for the GPU.
+    """
     world, rank = comm.get_world_size(), comm.get_rank()
     if cfg.SOLVER.IMS_PER_BATCH % world:
         raise ValueError(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} is not divisible by {world} processes")
@@ -102,7 +106,21 @@ def build_train_loader(cfg: Any, dataset: DetectionDataset, start_iter: int = 0)
     return DataLoader(dataset, batch_sampler=batches, num_workers=cfg.DATALOADER.NUM_WORKERS,
                       collate_fn=trivial_collate, worker_init_fn=_worker_init,
                       generator=torch.Generator().manual_seed(int(cfg.SEED) + rank),
-                      persistent_workers=cfg.DATALOADER.NUM_WORKERS > 0)
+                      persistent_workers=cfg.DATALOADER.NUM_WORKERS > 0, pin_memory=pin_memory)
+
+
+def batch_to_device(images: list[torch.Tensor], targets: list[dict],
+                    device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
+    """Images and every tensor of the targets on ``device``, copied without blocking.
+
+    From pinned memory the copies queue behind the GPU's work. A blocking copy, or one from pageable memory,
+    waits for that work first; the model's own ``.to`` of each target tensor used to do so once per tensor
+    per image, after the backbone was queued.
+    """
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+               for t in targets]
+    return images, targets
 
 
 def build_test_loader(cfg: Any, dataset: DetectionDataset, batch_size: int = 1) -> DataLoader:

@@ -211,7 +211,7 @@ class Trainer:
 
     def train(self, resume: bool = False) -> dict:
         """Run SOLVER.MAX_ITER iterations (continuing a checkpoint with ``resume``), then evaluate."""
-        from ..data import build_train_loader
+        from ..data import batch_to_device, build_train_loader
         cfg, log = self.cfg, self.logger
         dataset = self.train_dataset()
         self.vocabulary = dataset.category_names
@@ -226,7 +226,7 @@ class Trainer:
             if scaler is not None and "scaler" in self._resume_state:
                 scaler.load_state_dict(self._resume_state["scaler"])
             self._restore_rng(self._resume_state["rng"], start_iter)
-        loader = build_train_loader(cfg, dataset, start_iter=start_iter)
+        loader = build_train_loader(cfg, dataset, start_iter=start_iter, pin_memory=self.device.type == "cuda")
         writer = MetricsWriter(self.output_dir, enabled=comm.is_main_process())
         max_iter = cfg.SOLVER.MAX_ITER
         log.info("training %s (%s) on %d categories for %d iterations, %d process(es) on %s",
@@ -240,9 +240,9 @@ class Trainer:
         for it in range(start_iter, max_iter):
             for g in optimizer.param_groups:
                 g["lr"] = cfg.SOLVER.BASE_LR * lr_factor(cfg, it)
-            images, targets = next(data_iter)
+            images, targets = batch_to_device(*next(data_iter), self.device)
             with autocast_context(cfg, self.device):
-                losses = self.model([im.to(self.device, non_blocking=True) for im in images], targets)
+                losses = self.model(images, targets)
             total = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
