@@ -13,6 +13,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
 from ..utils.atomic import atomic_save
 from .crops import crop_boxes, resolve_crop_kernel
 from .templates import fill_template, get_templates
