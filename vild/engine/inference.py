@@ -1,6 +1,9 @@
 """Running a model over a test loader and feeding an evaluator, on every rank."""
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from typing import Any, Iterable
+
 import torch
 from tqdm import tqdm
 
@@ -8,7 +11,8 @@ from ..utils import comm
 
 
 @torch.no_grad()
-def inference_on_dataset(model: torch.nn.Module, loader, evaluator, device: torch.device, autocast):
+def inference_on_dataset(model: torch.nn.Module, loader: Iterable, evaluator: Any, device: torch.device,
+                         autocast: AbstractContextManager) -> Any:
     """Predict every image of this rank's shard, then let the evaluator gather and score on rank 0.
 
     ``evaluator`` may be a list: one pass of the model feeds them all, and a list of metrics comes back.

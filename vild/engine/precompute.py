@@ -7,7 +7,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -18,6 +18,9 @@ from ..data import ProposalStoreWriter, build_dataset
 from ..data.loader import trivial_collate
 from ..modeling import ViLD
 from ..utils import comm
+
+if TYPE_CHECKING:
+    from ..teacher import CLIPTeacher
 
 logger = logging.getLogger("vild")
 
@@ -42,7 +45,8 @@ def _valid_boxes(boxes: torch.Tensor, min_size: float = 2.0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed_into_store(batches: Iterable[tuple[list, list[torch.Tensor]]], teacher, writer: ProposalStoreWriter,
+def embed_into_store(batches: Iterable[tuple[list, list[torch.Tensor]]], teacher: CLIPTeacher,
+                     writer: ProposalStoreWriter,
                      boxes_fn: Callable[[list, list[torch.Tensor]], list[torch.Tensor]],
                      progress: tqdm | None = None, stats: dict | None = None) -> int:
     """Embed each batch's boxes (``boxes_fn(ids, images)``) with the teacher and commit them to ``writer``.
@@ -118,7 +122,7 @@ def _as_is(item: Any) -> Any:
 
 
 @torch.no_grad()
-def precompute_clip_proposals(cfg: CfgNode, teacher, out_dir: str | Path, model: ViLD | None = None,
+def precompute_clip_proposals(cfg: CfgNode, teacher: CLIPTeacher, out_dir: str | Path, model: ViLD | None = None,
                               proposals: dict[int, torch.Tensor] | None = None, max_proposals: int | None = None,
                               shard_index: int | None = None, num_shards: int | None = None,
                               batch_size: int = 8, num_workers: int | None = None) -> dict:

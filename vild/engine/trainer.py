@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import math
 import random
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from .checkpoint import (
 from .curves import plot_training_curves
 from .distributed import init_distributed, resolve_device
 from .logger import ETA, LossWindow, MetricsWriter, setup_logger
+
+if TYPE_CHECKING:
+    from ..data import DetectionDataset
 
 
 def seed_everything(seed: int) -> None:
@@ -69,7 +73,7 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
     raise ValueError(f"unknown SOLVER.OPTIMIZER {name!r}: use SGD or AdamW")
 
 
-def autocast_context(cfg: CfgNode, device: torch.device):
+def autocast_context(cfg: CfgNode, device: torch.device) -> AbstractContextManager:
     """bf16/fp16 autocast as SOLVER.AMP asks (fp16 only on CUDA)."""
     amp = cfg.SOLVER.AMP
     if not amp:
@@ -86,8 +90,9 @@ def unwrap(model: torch.nn.Module) -> ViLD:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def save_training_checkpoint(path: Path, cfg: CfgNode, model, optimizer, iteration: int, teacher_identity: dict,
-                             vocabulary: list, scaler=None, rng: list[dict] | None = None) -> None:
+def save_training_checkpoint(path: Path, cfg: CfgNode, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                             iteration: int, teacher_identity: dict, vocabulary: list,
+                             scaler: torch.amp.GradScaler | None = None, rng: list[dict] | None = None) -> None:
     """Write a self-describing, resumable checkpoint (rank 0 only); ``rng``: every rank's RNG state, by rank."""
     state = {
         "format_version": FORMAT_VERSION,
@@ -123,7 +128,7 @@ class Trainer:
         self.model = build_model(cfg).to(self.device)
 
     # ---- data ---------------------------------------------------------------------------------
-    def train_dataset(self):
+    def train_dataset(self) -> DetectionDataset:
         """The training dataset (base annotations only) with its proposal store when the variant distills."""
         from ..data import ProposalStore, build_dataset
         cfg = self.cfg

@@ -11,6 +11,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from ..config import CfgNode
+
 _RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
@@ -44,7 +46,7 @@ class TinyCNN(nn.Sequential):
         self.channels = [w, 2 * w, 4 * w, 8 * w]
 
 
-def build_backbone(cfg, load_pretrained: bool = True) -> BackboneWithFPN:
+def build_backbone(cfg: CfgNode, load_pretrained: bool = True) -> BackboneWithFPN:
     """Build the FPN backbone the config names; output levels P2..P6 ('0'..'3', 'pool').
 
     ``load_pretrained=False`` builds the same structure (frozen stages included) without reading

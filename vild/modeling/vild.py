@@ -8,6 +8,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
+from ..config import CfgNode
 from .backbone import build_backbone, norm_layer_for
 from .box_head import ViLDBoxHead
 from .classifier import TextClassifier
@@ -34,7 +35,8 @@ class ViLD(nn.Module):
         """Swap the vocabulary: [K, D] normalised text embeddings; ``base_mask`` marks training categories."""
         self.roi_heads.classifier.set_vocabulary(text_embeddings, base_mask)
 
-    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None, paste_masks: bool = True):
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None,
+                paste_masks: bool = True) -> dict[str, torch.Tensor] | list[dict]:
         """Training: dict of losses. Inference: per-image dicts of boxes, scores, labels, masks (original frame)."""
         if self.training and targets is None:
             raise ValueError("training mode needs targets; call model.eval() for inference")
@@ -67,7 +69,7 @@ class ViLD(nn.Module):
         return out
 
 
-def build_model(cfg, load_pretrained: bool = True) -> ViLD:
+def build_model(cfg: CfgNode, load_pretrained: bool = True) -> ViLD:
     """Build ViLD from a config (see ``vild/config.py``); ``load_pretrained=False``: weights come from a checkpoint."""
     m = cfg.MODEL
     backbone = build_backbone(cfg, load_pretrained)

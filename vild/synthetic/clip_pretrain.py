@@ -11,7 +11,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import open_clip
@@ -168,7 +168,7 @@ def _load_world_boxes(world: dict | str, split: str, names: list[str], max_image
 
 
 @torch.no_grad()
-def zero_shot_accuracy(teacher, world_or_crops, names: Sequence | None = None,
+def zero_shot_accuracy(teacher: Any, world_or_crops: Any, names: Sequence | None = None,
                        novel_names: Sequence[str] = NOVEL_NAMES, split: str = "val",
                        max_images: int | None = None, model_name: str = MODEL_NAME) -> dict:
     """Top-1 accuracy (base/novel/all) classifying held-out objects against category names.

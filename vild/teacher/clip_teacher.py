@@ -114,7 +114,7 @@ class CLIPTeacher(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Any, device: Union[str, torch.device] = "cpu") -> "CLIPTeacher":
-        """Build from ``cfg.TEACHER`` (MODEL, PRETRAINED, TEMPLATES, CACHE_DIR, CROP_SCALES, BATCH_SIZE, CROP_KERNEL)."""
+        """Build from ``cfg.TEACHER``: MODEL, PRETRAINED, TEMPLATES, CACHE_DIR, CROP_SCALES, BATCH_SIZE, CROP_KERNEL."""
         t = cfg.TEACHER
         return cls(t.MODEL, t.PRETRAINED, device=device, templates=t.TEMPLATES, cache_dir=t.CACHE_DIR or None,
                    crop_scales=t.CROP_SCALES, batch_size=t.BATCH_SIZE, crop_kernel=t.CROP_KERNEL)
