@@ -127,7 +127,8 @@ def test_precompute_leaves_an_unreadable_image_pending_in_its_own_shard(world, t
     custom = {"synth_train": {"JSON": world["lvis_train"], "IMAGES": str(images), "TYPE": "lvis", "SPLIT": "lvis"}}
     args = ["--config", "tiny_test.yaml", "--weights", str(teacher_file / "text" / "model_final.pth"),
             "--output", str(tmp_path / "store"), "--max-proposals", "20", "--shard", "0", "--num-shards", "2",
-            *world_opts(world, teacher_file / "unused", **{"DATASETS.CUSTOM": custom})]
+            # loader workers: an unreadable image crosses the process boundary as None, one image per task
+            *world_opts(world, teacher_file / "unused", **{"DATASETS.CUSTOM": custom, "DATALOADER.NUM_WORKERS": 2})]
     stats = precompute_main(args)
     shard0 = (world["num_train"] + 1) // 2
     assert (stats["written"], stats["unreadable"]) == (shard0 - 1, 1)
