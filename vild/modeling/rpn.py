@@ -15,7 +15,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 from torchvision.ops import nms
 
-from .sampling import batched_box_iou, pad_boxes, sample_balanced, sampled_mask
+from .sampling import batched_box_iou, box_valid, pad_boxes, sample_balanced, sampled_mask
 
 # IoU matrices bigger than this many elements are built a few images at a time (LVIS images can have
 # hundreds of boxes against ~250k anchors at 1024 px); at 2^24 (64 MB a matrix) the matching's temporaries
@@ -42,13 +42,13 @@ class BatchedRPN(RegionProposalNetwork):
         if not all(len(g) > 0 for g in gt_boxes):
             # an image without ground truth is all background already (padding never matches); its target
             # boxes are zeros, as torchvision gives them, not the padding
-            has_gt = (gt[..., 0] > -0.5).any(dim=1)
+            has_gt = box_valid(gt).any(dim=1)
             matched = torch.where(has_gt[:, None, None], matched, 0.0)
         return labels, matched
 
     def _match(self, gt: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor]:
         # torchvision's Matcher(fg, bg, allow_low_quality_matches=True), over a [b, G, A] IoU matrix
-        valid_gt = gt[..., 0] > -0.5  # padding rows get IoU -1: they never win a match
+        valid_gt = box_valid(gt)  # padding rows get IoU -1: they never win a match
         iou = batched_box_iou(gt, anchors.expand(len(gt), -1, -1)).masked_fill_(~valid_gt[..., None], -1.0)
         best, idx = iou.max(dim=1)  # [b, A]
         m = self.proposal_matcher
