@@ -518,19 +518,11 @@ def precompute(ctx: Context) -> dict:
     # where the writer's extra time goes: the crops alone and embed_regions alone, on images already on the device
     decoded = [im.to(dev) for _, im in loader]
 
-    def crops_only(kernel: str):
-        def run():
-            before, teacher.crop_kernel = teacher.crop_kernel, kernel
-            try:
-                for _ in teacher.region_crops(decoded, boxes):
-                    pass
-            finally:
-                teacher.crop_kernel = before
-        return run
+    def crops_only():
+        for _ in teacher.region_crops(decoded, boxes):
+            pass
 
-    # both crop kernels (the same values, vild/teacher/crops.py), whichever the teacher uses
-    parts = interleaved({"crops_only_roi_align": crops_only("roi_align"), "crops_only_matmul": crops_only("matmul"),
-                         "embed_regions": lambda: teacher.embed_regions(decoded, boxes)},
+    parts = interleaved({"crops_only": crops_only, "embed_regions": lambda: teacher.embed_regions(decoded, boxes)},
                         dev, max(1, a.repeats // 2), 1, label="precompute parts")
     ips_writer = _rate(n_img, times["writer"])
     ips_raw = _rate(n_img, times["encode_image"])
@@ -545,7 +537,6 @@ def precompute(ctx: Context) -> dict:
                              "seconds": [round(t, 4) for t in times["encode_image"]]},
             "ratio": round(ratio, 3), "target": _target(0.7, ratio),
             "loader_workers": a.precompute_workers, "images_per_batch": a.precompute_batch,
-            "crop_kernel": teacher.crop_kernel,
             "writer_stage_seconds": pipeline_stats[-a.repeats:],
             "parts_seconds": {k: round(median(v), 4) for k, v in parts.items()},
             "note": "random proposal boxes (no RPN: the figure is the store-writing path)"}

@@ -196,7 +196,6 @@ _DEFAULTS: dict = {
         "CACHE_DIR": "",  # text-embedding cache; "" = $VILD_CACHE or ~/.cache/vild
         "CROP_SCALES": [1.0, 1.5],
         "BATCH_SIZE": 256,
-        "CROP_KERNEL": "auto",  # how crops are cut: roi_align | matmul (same values) | auto (matmul on CUDA)
     },
     "DATASETS": {
         "ROOT": "",  # "" = $VILD_DATASETS or ./datasets

@@ -84,22 +84,6 @@ def test_teacher_bf16_on_cuda_matches_cpu(teacher_file):
     assert F.cosine_similarity(ta, tb, dim=-1).min() > 0.98
 
 
-def test_matmul_crops_on_cuda_match_roi_align():
-    """The teacher's CUDA crop kernel (fp16 matmuls) against roi_align in fp32, at the benchmark's size."""
-    from vild.teacher.crops import crop_boxes
-    torch.manual_seed(0)
-    image = (torch.rand(3, 1024, 1024, device="cuda") - 0.45) / 0.27  # normalised pixels, as the teacher crops
-    wh = torch.rand(300, 2) * 600 + 8
-    xy = torch.rand(300, 2) * (1024 - wh)
-    for boxes in (torch.cat([xy, xy + wh], 1).cuda(), torch.tensor([[0.0, 0.0, 1024.0, 1024.0]], device="cuda")):
-        ref = crop_boxes(image, boxes, (224, 224), "roi_align")
-        got = crop_boxes(image, boxes, (224, 224), "matmul").float()
-        diff = (got - ref).abs()
-        # fp16 rounding, simulated on the CPU: 2.5e-3 at most, 2e-4 on average (bf16 input rounding: 7e-3, 6e-4)
-        assert diff.max() < 1e-2 and diff.mean() < 1e-3, (diff.max().item(), diff.mean().item())
-        assert torch.equal(crop_boxes(image, boxes, (224, 224), "matmul").float(), got)  # run to run, bit for bit
-
-
 def test_training_batch_reaches_the_gpu_without_a_host_sync(world):
     """The trainer's loader pins the batch on CUDA, so batch_to_device's copies do not wait for the GPU."""
     from test_data import _cfg
@@ -110,7 +94,8 @@ def test_training_batch_reaches_the_gpu_without_a_host_sync(world):
                           transforms=build_transforms(cfg, True))
     images, targets = next(iter(build_train_loader(cfg, ds, pin_memory=True)))
     tensors = lambda ts: [v for t in ts for v in t.values() if torch.is_tensor(v)]  # noqa: E731
-    assert all(x.is_pinned() for x in images + tensors(targets))
+    # an empty tensor (no proposal store here) has no memory to pin, and its copy moves nothing
+    assert all(x.is_pinned() or x.numel() == 0 for x in images + tensors(targets))
     torch.cuda.set_sync_debug_mode("error")  # a copy that waits for the GPU raises
     try:
         gpu_images, gpu_targets = batch_to_device(images, targets, torch.device("cuda"))

@@ -13,9 +13,9 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import roi_align
 
 from ..utils.atomic import atomic_save
-from .crops import crop_boxes, resolve_crop_kernel
 from .templates import fill_template, get_templates
 from .text_encoder import can_truncate, encode_prompts
 from .vocabulary import clean_name, parse_vocabulary
@@ -79,11 +79,9 @@ class CLIPTeacher(nn.Module):
 
     def __init__(self, model_name: str, pretrained: Optional[str], device: Union[str, torch.device] = "cpu",
                  templates: Union[str, Sequence[str]] = "vild", cache_dir: Optional[str] = None,
-                 crop_scales: Sequence[float] = (1.0, 1.5), batch_size: int = 256, crop_kernel: str = "auto"):
+                 crop_scales: Sequence[float] = (1.0, 1.5), batch_size: int = 256):
         super().__init__()
         self.device = torch.device(device)
-        # how crops are cut (vild.teacher.crops): the same values by roi_align or by two matmuls
-        self.crop_kernel = resolve_crop_kernel(crop_kernel, self.device)
         self.model_name = model_name
         self.pretrained = pretrained or ""
         if os.path.isfile(self.pretrained):
@@ -114,10 +112,10 @@ class CLIPTeacher(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Any, device: Union[str, torch.device] = "cpu") -> "CLIPTeacher":
-        """Build from ``cfg.TEACHER``: MODEL, PRETRAINED, TEMPLATES, CACHE_DIR, CROP_SCALES, BATCH_SIZE, CROP_KERNEL."""
+        """Build from ``cfg.TEACHER``: MODEL, PRETRAINED, TEMPLATES, CACHE_DIR, CROP_SCALES, BATCH_SIZE."""
         t = cfg.TEACHER
         return cls(t.MODEL, t.PRETRAINED, device=device, templates=t.TEMPLATES, cache_dir=t.CACHE_DIR or None,
-                   crop_scales=t.CROP_SCALES, batch_size=t.BATCH_SIZE, crop_kernel=t.CROP_KERNEL)
+                   crop_scales=t.CROP_SCALES, batch_size=t.BATCH_SIZE)
 
     def train(self, mode: bool = True) -> "CLIPTeacher":
         """The teacher stays in eval mode whatever its parent does."""
@@ -238,16 +236,17 @@ class CLIPTeacher(nn.Module):
         if len(images) != len(boxes_list):
             raise ValueError(f"{len(images)} images but {len(boxes_list)} box tensors")
         for i, (image, boxes) in enumerate(zip(images, self._boxes_on_device(boxes_list))):
-            img = image.to(self.device, non_blocking=True).to(torch.float32) / 255.0
+            img = image.to(self.device, non_blocking=True).to(torch.float32).unsqueeze(0) / 255.0
             if normalize:
                 # a per-pixel affine map commutes with roi_align's bilinear averaging (clipped boxes sample
                 # only inside the image, where the weights sum to one): normalising the image once
                 # replaces a pass over every crop, which outweighs the image many times over
-                img = (img - self.mean[0]) / self.std[0]
+                img = (img - self.mean) / self.std
             for s in self.crop_scales:
                 scaled = _scale_boxes(boxes, s, img.shape[-2], img.shape[-1])
                 for b in range(0, len(scaled), self.batch_size):
-                    yield i, b, crop_boxes(img, scaled[b:b + self.batch_size], self.image_size, self.crop_kernel)
+                    yield i, b, roi_align(img, [scaled[b:b + self.batch_size]], self.image_size, spatial_scale=1.0,
+                                          sampling_ratio=-1, aligned=True)
 
     def _boxes_on_device(self, boxes_list: Sequence[Tensor]) -> list[Tensor]:
         boxes = [b.reshape(-1, 4).to(torch.float32) for b in boxes_list]
