@@ -494,7 +494,7 @@ def precompute(ctx: Context) -> dict:
 
     def writer_path():
         # the precompute tool's own loop (vild.engine.precompute.embed_into_store): decoding in loader
-        # workers, crops on the device (the teacher's crop kernel), store writes on a background thread
+        # workers, crops by roi_align on the device, store writes on a background thread
         w = writers.pop(0)
         st: dict = {}
         embed_into_store(batches_of(loader, a.precompute_batch, _jpeg_collate), teacher, w,
