@@ -458,3 +458,20 @@ def test_test_time_shrinking_filters_like_training_and_growing_is_unchanged():
     batch, _ = pre([small])
     grown = F.interpolate(small.float()[None] - 128, size=(96, 128), mode="bilinear", align_corners=False)
     assert torch.equal(batch.tensors[0, :, :96, :128], grown[0])
+
+
+def test_distillation_inputs_keep_the_first_proposals_and_drop_sub_pixel_boxes():
+    heads = tiny_model().roi_heads
+    n, dim = heads.num_distill_proposals, heads.classifier.embed_dim
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0]]).repeat(n + 3, 1)
+    boxes[1, 2] = 0.5  # under 1 px wide: no embedding worth matching
+    embeds = torch.arange(n + 3, dtype=torch.float16)[:, None].expand(-1, dim)
+    flags = torch.ones(n + 3, dtype=torch.bool)
+    flags[2] = False
+    targets = [{"proposal_boxes": boxes, "proposal_embeds": embeds, "proposal_valid": flags},
+               {"proposal_boxes": boxes[:2], "proposal_embeds": embeds[:2]},  # no flags: all stored boxes count
+               {"proposal_boxes": torch.zeros(0, 4)}]
+    out_boxes, out_embeds, valid = heads._distill_inputs(targets, torch.device("cpu"))
+    assert [len(b) for b in out_boxes] == [n, 2, 0]
+    assert out_embeds.dtype == torch.float32 and out_embeds[:, 0].tolist() == list(range(n)) + [0, 1]
+    assert valid.tolist() == [True, False, False] + [True] * (n - 3) + [True, False]

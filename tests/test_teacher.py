@@ -298,4 +298,3 @@ def test_same_weights_under_another_activation_are_another_teacher():
     assert "GELU" in teacher_mismatch(gelu, {**gelu, "quick_gelu": True})
     assert teacher_mismatch(gelu, dict(gelu)) == ""
     assert teacher_mismatch({"model": "ViT-B-32", "pretrained": "openai"}, gelu) == ""  # unrecorded: unknown
-

@@ -116,10 +116,9 @@ class ViLDRoIHeads(nn.Module):
                 boxes.append(torch.zeros((0, 4), device=device))
                 continue
             v = t.get("proposal_valid")
-            boxes.append(b[:n] if len(b) > n else b)
-            embeds.append(t["proposal_embeds"][:n] if len(b) > n else t["proposal_embeds"])
-            valid.append(torch.ones(len(boxes[-1]), dtype=torch.bool, device=device) if v is None
-                         else (v[:n] if len(v) > n else v))
+            boxes.append(b[:n])
+            embeds.append(t["proposal_embeds"][:n])
+            valid.append(torch.ones(len(boxes[-1]), dtype=torch.bool, device=device) if v is None else v[:n])
         dim = self.classifier.embed_dim
         if not embeds:
             return boxes, torch.zeros((0, dim), device=device), torch.zeros((0,), dtype=torch.bool, device=device)
