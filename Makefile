@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# a venv with torch's CUDA build takes about 6 GiB: say so before pip fails half-way with "No space left"
+MIN_FREE_GIB ?= 7
+export DISK_CHECK := import shutil, sys; free = shutil.disk_usage("$(VENV)").free / 2**30; \
+    sys.exit(0 if free >= $(MIN_FREE_GIB) else f"only {free:.1f} GiB free on the disk of $(VENV): installing \
+    torch needs about $(MIN_FREE_GIB) GiB; free some space (old clones, venvs, /tmp) or set VENV=/a/larger/disk/venv")
 
 .PHONY: setup test test-oldest test-gpu gpu-wheels demo demo-fast bench clean
 
@@ -10,7 +15,8 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PINS)
+	@$(PY) -c "import torch, torchvision" 2>/dev/null || { $(PY) -c "$$DISK_CHECK" && \
+	    $(PY) -m pip install -q $(TORCH_PINS); }
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $@
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,16 @@ class Context:
         self._vild = None
         self._tv = None
         self._teacher = None
+        # one scratch folder for the run's stores and caches, removed by close(): runs leave nothing in /tmp
+        self.scratch = Path(tempfile.mkdtemp(prefix="vild_bench_"))
+
+    def scratch_dir(self, name: str) -> Path:
+        """A new empty folder under the run's scratch folder."""
+        return Path(tempfile.mkdtemp(prefix=f"{name}_", dir=self.scratch))
+
+    def close(self) -> None:
+        """Remove the scratch folder (stores, JPEGs, text-embedding caches)."""
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
     def vild(self):
         if self._vild is None:
@@ -57,7 +68,7 @@ class Context:
             from vild.teacher import CLIPTeacher
             log(f"building the CLIP teacher {self.args.clip_model} (random init)")
             self._teacher = CLIPTeacher(self.args.clip_model, None, device=self.device, templates="vild",
-                                        cache_dir=tempfile.mkdtemp(prefix="vild_bench_cache_"))
+                                        cache_dir=self.scratch_dir("cache"))
         return self._teacher
 
 
@@ -472,7 +483,7 @@ def precompute(ctx: Context) -> dict:
     a, dev = ctx.args, ctx.device
     teacher = ctx.teacher()
     n_img, p = a.precompute_images, a.precompute_proposals
-    tmp = Path(tempfile.mkdtemp(prefix="vild_bench_store_"))
+    tmp = ctx.scratch_dir("store")
     rng = np.random.default_rng(0)
     files, boxes = [], []
     for i in range(n_img):
@@ -574,7 +585,7 @@ def vocabulary(ctx: Context) -> dict:
     n_templates = len(teacher.templates)
     teacher._sha256 = None
     _, t_identity = timed(lambda: teacher.identity, dev)
-    teacher.cache_dir = Path(tempfile.mkdtemp(prefix="vild_bench_cold_"))
+    teacher.cache_dir = ctx.scratch_dir("cold")
     misses = teacher.cache_misses
     emb, t_cold = timed(lambda: teacher.encode_text(subset), dev)
     assert teacher.cache_misses == misses + 1, "the cold call must miss the cache"

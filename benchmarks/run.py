@@ -227,27 +227,30 @@ def main(argv=None) -> dict:
             pass
     log(f"device {device} ({machine['gpu'] or machine['cpu']}), size {args.size}, figures {names}")
     ctx = Context(args, device)
-    code_version = _code_version()
-    t0 = time.perf_counter()
-    for name in FIGURE_ORDER:
-        if name not in names:
-            continue
-        log(f"== {name}")
-        t = time.perf_counter()
-        load0 = os.getloadavg()[0]
-        fig = FIGURES[name](ctx)
-        fig["wall_seconds"] = round(time.perf_counter() - t, 1)
-        # other jobs on a shared machine show here (2 cores: a load over 2 means oversubscribed)
-        fig["load_average_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
-        fig["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        # a file merged from --only runs keeps each figure's own settings and code version
-        fig["run_args"] = {k: v for k, v in vars(args).items() if k not in ("worker", "worker_model")}
-        fig["code_version"] = code_version
-        results["figures"][name] = fig
-        results["targets"] = summary(results)
-        results["wall_seconds"] = round(time.perf_counter() - t0, 1)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1))  # after every figure: a crash keeps what was measured
+    try:
+        code_version = _code_version()
+        t0 = time.perf_counter()
+        for name in FIGURE_ORDER:
+            if name not in names:
+                continue
+            log(f"== {name}")
+            t = time.perf_counter()
+            load0 = os.getloadavg()[0]
+            fig = FIGURES[name](ctx)
+            fig["wall_seconds"] = round(time.perf_counter() - t, 1)
+            # other jobs on a shared machine show here (2 cores: a load over 2 means oversubscribed)
+            fig["load_average_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+            fig["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            # a file merged from --only runs keeps each figure's own settings and code version
+            fig["run_args"] = {k: v for k, v in vars(args).items() if k not in ("worker", "worker_model")}
+            fig["code_version"] = code_version
+            results["figures"][name] = fig
+            results["targets"] = summary(results)
+            results["wall_seconds"] = round(time.perf_counter() - t0, 1)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=1))  # after every figure: a crash keeps what was measured
+    finally:
+        ctx.close()
     log(f"done in {time.perf_counter() - t0:.0f}s; wrote {out}")
     print(markdown(results), flush=True)
     for r in results["targets"]:

@@ -1,6 +1,7 @@
 """Smoke test of benchmarks/run.py: every figure runs at a tiny size and the JSON is well formed (no timings checked)."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +15,26 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+def _scratch_env(tmp_path: Path) -> dict:
+    """The environment with TMPDIR set to a new empty folder, to see what a run leaves behind."""
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    return {**os.environ, "TMPDIR": str(scratch)}
+
+
+def _left_behind(env: dict) -> list[str]:
+    """What a run left in its TMPDIR, less torch's compile cache (one folder, reused by every run)."""
+    return [p.name for p in Path(env["TMPDIR"]).iterdir() if not p.name.startswith("torchinductor_")]
+
+
 def test_benchmark_smoke_writes_wellformed_json(tmp_path):
     out = tmp_path / "smoke.json"
+    env = _scratch_env(tmp_path)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # its stores, JPEGs and embedding caches are removed at the end: repeated runs do not fill the disk
+    assert not _left_behind(env)
     res = json.loads(out.read_text())
 
     m = res["machine"]
@@ -93,9 +109,10 @@ def test_the_gpu_test_module_imports_here():
 def test_side_benchmarks_run_and_write_their_figures(tmp_path):
     """The side benchmarks (loader memory, folder detection, large images, photo resizing) at toy sizes."""
     out = tmp_path / "mem.json"
+    env = _scratch_env(tmp_path)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loader_memory.py"), "--images", "300",
                            "--annotations", "3000", "--cache", str(tmp_path), "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     mem = json.loads(out.read_text())
     assert mem["dataset"]["images"] > 0 and mem["dataset"]["records_mib"] > 0
@@ -105,23 +122,24 @@ def test_side_benchmarks_run_and_write_their_figures(tmp_path):
     out = tmp_path / "detect.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "detect_folder.py"), "--images", "6",
                            "--size", "160x120", "--batch-size", "2", "--repeats", "1", "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     det = json.loads(out.read_text())
     assert set(det["images_per_s"]) == {"model_only", "serial", "pipeline"}
     out = tmp_path / "large.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "large_image.py"), "--size", "300x200",
-                           "--detections", "5", "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                           "--detections", "5", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     large = json.loads(out.read_text())
     out = tmp_path / "photo.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "photo_resize.py"), "--images", "3",
                            "--noise", "0", "--scale", "2", "--out", str(out)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+                          cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     photo = json.loads(out.read_text())
     assert photo["images"] == 3 and 0 <= photo["rows"][0]["filtered"]["AP"] <= 100
     assert large["vild"]["output_mib"] == large["torchvision"]["output_mib"] > 0
     assert large["mask_pixel_count_agreement"] > 0.9
     assert all(_finite(v) and v > 0 for v in det["images_per_s"].values())
+    assert not _left_behind(env)  # their photos and outputs are removed

@@ -141,7 +141,9 @@ def test_torchrun_two_processes_on_cpu(world, teacher_file):
     """``--num-gpus 2`` re-launches training under ``torchrun --standalone``: DDP over gloo on the CPU. Started
     as ``main(argv)`` from Python, whose own command line says nothing of training."""
     out = teacher_file / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    scratch = teacher_file / "ddp_tmp"  # torchrun's own log folders (torchelastic_*) land here, not in /tmp
+    scratch.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TMPDIR": str(scratch)}
     argv = ["--num-gpus", "2", "--config", "tiny_test.yaml",
             *world_opts(world, out, max_iter=3, **{"SOLVER.CHECKPOINT_PERIOD": 100, "SOLVER.IMS_PER_BATCH": 4,
                                                     "MODEL.BACKBONE.NORM": "SyncBN"})]  # CUDA-only: plain BN here
