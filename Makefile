@@ -6,8 +6,9 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 # a venv with torch's CUDA build takes about 6 GiB: say so before pip fails half-way with "No space left"
 MIN_FREE_GIB ?= 7
 export DISK_CHECK := import shutil, sys; free = shutil.disk_usage("$(VENV)").free / 2**30; \
-    sys.exit(0 if free >= $(MIN_FREE_GIB) else f"only {free:.1f} GiB free on the disk of $(VENV): installing \
-    torch needs about $(MIN_FREE_GIB) GiB; free some space (old clones, venvs, /tmp) or set VENV=/a/larger/disk/venv")
+    sys.exit(0 if free >= $(MIN_FREE_GIB) else f"only {free:.1f} GiB free on the disk of $(VENV), under \
+    MIN_FREE_GIB=$(MIN_FREE_GIB): a venv with torch takes about 6 GiB; free some space (old clones, venvs, /tmp) \
+    or set VENV=/a/larger/disk/venv")
 
 .PHONY: setup test test-oldest test-gpu gpu-wheels demo demo-fast bench clean
 
