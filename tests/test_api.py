@@ -229,7 +229,9 @@ def test_text_embeddings_are_computed_once_per_vocabulary(det, monkeypatch):
     first = det.model.roi_heads.classifier.text_embeddings.clone()
     det.set_vocabulary("dog")
     det.set_vocabulary("kite,unicycle")
-    assert len(calls) == 2, "the second 'kite,unicycle' must come from the in-memory cache"
+    asked = [c for c in calls if c != det.training_vocabulary]  # the hidden training names: embedded once
+    assert len(asked) == 2, "the second 'kite,unicycle' must come from the in-memory cache"
+    assert len(calls) - len(asked) <= 1
     assert torch.equal(det.model.roi_heads.classifier.text_embeddings, first)
 
 
@@ -293,7 +295,7 @@ def test_results_keep_the_models_masks_without_a_copy_unless_rows_are_dropped(de
     n, h, w = 5, 48, 64
     out = {"boxes": torch.rand(n, 4) * 40, "scores": torch.tensor([0.9, 0.8, 0.7, 0.2, 0.1]),
            "labels": torch.zeros(n, dtype=torch.long), "masks": torch.rand(n, h, w) > 0.5}
-    monkeypatch.setattr(det.model, "forward", lambda images: [dict(out)])
+    monkeypatch.setattr(det.model, "forward", lambda images, settings=None: [dict(out)])
     det.score_thresh, det.max_dets = 0.05, 50
     r = det(scene(h, w))
     assert r.masks.data_ptr() == out["masks"].data_ptr() and len(r) == n

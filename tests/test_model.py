@@ -125,7 +125,7 @@ def test_inference_on_non_square_image_returns_original_frame(monkeypatch):
     img, t = scene(96, 160)
     seen = {}
 
-    def fake_heads(features, proposals, image_sizes):
+    def fake_heads(features, proposals, image_sizes, objectness=None, settings=None):
         # the network sees the image with its longest side at TEST_SIZE; answer with the objects in that frame
         seen["sizes"] = image_sizes
         (h, w), = image_sizes

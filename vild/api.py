@@ -1,6 +1,7 @@
 """The Python one-liner API: ``Detector.from_checkpoint(path)(image)`` → boxes, scores, labels, masks, names."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -12,21 +13,27 @@ import numpy as np
 import torch
 
 from .config import CfgNode, cfg_from_dict
+from .engine.calibration import apply_calibration
 from .engine.checkpoint import check_teacher, load_checkpoint
 from .engine.distributed import resolve_device
 from .io import to_image_tensor
 from .teacher import CLIPTeacher, clean_name, parse_vocabulary
 from .teacher.vocabulary import VocabLike
 
-# User-facing score thresholds per variant (the model itself keeps SCORE_THRESH_TEST, 0.0, for AP).
-# Ensemble scores of novel categories are small in absolute terms (p_T^(1-λ) stays low because the
-# text head learned novel objects as background), so a 0.3 cut would drop nearly all of them.
-DEFAULT_SCORE_THRESH = {"text": 0.3, "vild": 0.3, "ensemble": 0.05}
+# Scoring shown to people (see DetectionSettings); the evaluation keeps the config's. The geometric mean
+# with the RPN's objectness keeps regions that are no object (clutter, parts of objects) low for any name;
+# centering (with a checkpoint's calibrated region mean) takes hub names' head start away.
+DISPLAY_OBJECTNESS_WEIGHT = 0.5
+DISPLAY_CENTERING = 0.5
+# Display thresholds per variant for checkpoints without a calibrated one (the model itself keeps
+# SCORE_THRESH_TEST, 0.0, for AP). Ensemble scores of novel categories are smaller (p_T^(1-λ) stays low
+# because the text head learned novel objects as background).
+DEFAULT_SCORE_THRESH = {"text": 0.5, "vild": 0.5, "ensemble": 0.35}
 
 
 def default_score_thresh(variant: str) -> float:
     """A score threshold for showing detections to people, chosen per ViLD variant."""
-    return DEFAULT_SCORE_THRESH.get(variant, 0.3)
+    return DEFAULT_SCORE_THRESH.get(variant, 0.5)
 
 
 @dataclass
@@ -95,12 +102,18 @@ class Detector:
 
     ``vocabulary`` defaults to ``training_vocabulary``; ``score_thresh`` and ``max_dets`` to the config's
     test settings (0.0 and DETECTIONS_PER_IMAGE: right for AP, see ``default_score_thresh`` for display).
+    Each box gets one label (NMS across the vocabulary); ``per_class_nms=True`` runs NMS per class instead,
+    as the COCO/LVIS evaluation does, so that one box may carry several labels. With
+    ``reference_vocabulary`` (default) the training categories the vocabulary leaves out still compete
+    for each region, hidden: a region showing one of them is not forced onto the nearest name asked for.
     """
 
     def __init__(self, model: torch.nn.Module, teacher: CLIPTeacher, cfg: CfgNode,
                  training_vocabulary: Optional[list] = None, device: Union[str, torch.device] = "cpu",
                  vocabulary: Optional[VocabLike] = None, score_thresh: Optional[float] = None,
-                 max_dets: Optional[int] = None, batch_size: int = 4):
+                 max_dets: Optional[int] = None, batch_size: int = 4, per_class_nms: bool = False,
+                 reference_vocabulary: bool = True, objectness_weight: Optional[float] = None,
+                 centering: Optional[float] = None):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.teacher, self.cfg = teacher, cfg
@@ -109,6 +122,13 @@ class Detector:
         self.score_thresh = float(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST if score_thresh is None else score_thresh)
         self.max_dets = int(cfg.MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE if max_dets is None else max_dets)
         self.batch_size = int(batch_size)
+        self.per_class_nms = bool(per_class_nms)
+        self.reference_vocabulary = bool(reference_vocabulary)
+        self.objectness_weight = DISPLAY_OBJECTNESS_WEIGHT if objectness_weight is None else float(objectness_weight)
+        self.centering = DISPLAY_CENTERING if centering is None else float(centering)
+        # the threshold for showing detections to people: the checkpoint's calibrated one, else the variant's
+        self.display_score_thresh = default_score_thresh(cfg.MODEL.VILD.VARIANT)
+        self._training_embeddings: Optional[torch.Tensor] = None
         self._train_keys = {_key(s) for syns in self.training_vocabulary for s in syns}
         self._emb_cache: dict[str, torch.Tensor] = {}
         self._vocab: list[list[str]] = []
@@ -144,7 +164,12 @@ class Detector:
         except RuntimeError as e:
             raise ValueError(f"checkpoint {path}: weights do not fit the model its own config builds "
                              f"({str(e).splitlines()[0]}...)") from None
-        return cls(model, teacher, cfg, ckpt.get("vocabulary"), device=dev, **kwargs)
+        calibration = ckpt.get("calibration") or {}
+        apply_calibration(model, calibration)
+        det = cls(model, teacher, cfg, ckpt.get("vocabulary"), device=dev, **kwargs)
+        if "score_thresh" in calibration:
+            det.display_score_thresh = float(calibration["score_thresh"])
+        return det
 
     # ---- vocabulary -------------------------------------------------------------------------
     @property
@@ -184,8 +209,22 @@ class Detector:
             emb = self.teacher.encode_text(vocab)
             self._emb_cache[key] = emb
         base = [any(_key(s) in self._train_keys for s in syns) for syns in vocab]
-        self.model.set_vocabulary(emb.to(self.device), torch.tensor(base, dtype=torch.bool))
+        reference = self._reference_embeddings(vocab)
+        self.model.set_vocabulary(emb.to(self.device), torch.tensor(base, dtype=torch.bool),
+                                  None if reference is None else reference.to(self.device))
         self._vocab, self._base_mask = vocab, base
+
+    def _reference_embeddings(self, vocab: list[list[str]]) -> Optional[torch.Tensor]:
+        """Text embeddings of the training categories the vocabulary does not name (hidden competitors)."""
+        if not self.reference_vocabulary or not self.training_vocabulary:
+            return None
+        named = {_key(s) for syns in vocab for s in syns}
+        rows = [i for i, syns in enumerate(self.training_vocabulary) if not any(_key(s) in named for s in syns)]
+        if not rows:
+            return None
+        if self._training_embeddings is None:
+            self._training_embeddings = self.teacher.encode_text(self.training_vocabulary)
+        return self._training_embeddings[rows]
 
     # ---- inference --------------------------------------------------------------------------
     def __call__(self, images: Any, bgr: bool = False, batch_size: Optional[int] = None
@@ -216,10 +255,11 @@ class Detector:
             raise ValueError(f"{len(images)} images but {len(sources)} sources: pass one source (or None) per image")
         if not images:
             return []
-        heads = self.model.roi_heads
         # thresholding inside the model spares the mask head the detections that would be dropped
-        heads.score_thresh, heads.detections_per_img = self.score_thresh, self.max_dets
-        outputs = self.model([im.to(self.device) for im in images])
+        settings = dataclasses.replace(self.model.roi_heads.test_settings, score_thresh=self.score_thresh,
+                                       max_dets=self.max_dets, class_agnostic=not self.per_class_nms,
+                                       objectness_weight=self.objectness_weight, centering=self.centering)
+        outputs = self.model([im.to(self.device) for im in images], settings=settings)
         names = self.names
         results = []
         for im, out, src in zip(images, outputs, sources or [None] * len(images)):

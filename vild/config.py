@@ -162,6 +162,11 @@ _DEFAULTS: dict = {
             "NMS_THRESH_TEST": 0.5,
             "DETECTIONS_PER_IMAGE": 300,
             "TOPK_CANDIDATES_TEST": 1000,  # per-image candidates kept before NMS (speed lever)
+            # False: NMS per class, as the COCO/LVIS protocol expects; Detector and the tools show one label per box
+            "CLASS_AGNOSTIC_NMS_TEST": False,
+            # scoring at evaluation (vild.modeling.postprocess.DetectionSettings); Detector has its own defaults
+            "OBJECTNESS_WEIGHT_TEST": 0.0,  # w in score = p_class^(1-w) * rpn_objectness^w
+            "CENTERING_TEST": 0.0,  # share of the mean region embedding subtracted before the text dot products
         },
         "ROI_BOX_HEAD": {
             "NUM_CONV": 4,

@@ -45,9 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--vocab-file", help="one category per line (synonyms with |, # comments)")
     v.add_argument("--vocab-preset", choices=("coco", "coco_ovd", "lvis"))
     p.add_argument("--score-thresh", type=float, default=None,
-                   help="drop detections scoring below this; default per variant: 0.3 (text, vild), "
-                        "0.05 (ensemble, whose novel-category scores are small)")
+                   help="drop detections scoring below this; default: the checkpoint's calibrated threshold, "
+                        "else 0.5 (text, vild) or 0.35 (ensemble, whose novel-category scores are smaller)")
     p.add_argument("--max-dets", type=_positive, default=100, help="detections kept per image")
+    p.add_argument("--per-class-nms", action="store_true",
+                   help="NMS per category, so that one box may carry several labels (default: one label per box)")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--batch-size", type=_positive, default=4, help="images per forward pass")
     p.add_argument("--json", action="store_true", help="also write detections.json (COCO results format)")
@@ -63,10 +65,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         images, videos = collect_inputs(args.input)
         vocab = _vocabulary(args)
         weights = Path(args.weights) if args.weights else _newest_or_fail()
-        from .api import Detector, default_score_thresh  # heavy (torch, CLIP): after the cheap checks
+        from .api import Detector  # heavy (torch, CLIP): after the cheap checks
         det = Detector.from_checkpoint(weights, device=args.device, vocabulary=vocab, max_dets=args.max_dets,
-                                       batch_size=args.batch_size)
-        det.score_thresh = args.score_thresh if args.score_thresh is not None else default_score_thresh(det.variant)
+                                       batch_size=args.batch_size, per_class_nms=args.per_class_nms)
+        det.score_thresh = args.score_thresh if args.score_thresh is not None else det.display_score_thresh
         ids = _IdMapper(args.coco_gt, det.names) if args.json else None
     except (CLIError, OSError, ValueError, RuntimeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

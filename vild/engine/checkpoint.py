@@ -42,7 +42,8 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool
     """
     ckpt = load_checkpoint(src)
     weights = {k: v.half() if half and v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    out = {k: ckpt[k] for k in ("format_version", "cfg", "teacher", "vocabulary", "iteration") if k in ckpt}
+    out = {k: ckpt[k] for k in ("format_version", "cfg", "teacher", "vocabulary", "iteration", "calibration")
+           if k in ckpt}
     out["model"] = weights
     if teacher_weights is not None and isinstance(out.get("cfg"), dict):
         out["cfg"] = {**out["cfg"], "TEACHER": {**out["cfg"]["TEACHER"], "PRETRAINED": teacher_weights}}

@@ -1,14 +1,46 @@
 """Turning class scores into detections, and low-resolution masks into image masks, without per-item loops."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, nms
+
+
+@dataclass(frozen=True)
+class DetectionSettings:
+    """What inference keeps of the scored boxes; a model holds its config's, a call may pass others.
+
+    ``score_thresh`` drops detections scoring at or below it; ``nms_thresh`` is the IoU over which NMS
+    suppresses; ``max_dets`` detections per image at most; ``topk_candidates`` (box, class) pairs enter
+    NMS first (a speed lever, see ``select_detections``); ``class_agnostic``: one label per box.
+    Scoring: ``objectness_weight`` w makes a score p^(1-w) · o^w with the RPN's objectness o;
+    ``centering`` subtracts that share of the mean region embedding before the text dot products
+    (``TextClassifier.forward``).
+    """
+
+    score_thresh: float = 0.0
+    nms_thresh: float = 0.5
+    max_dets: int = 300
+    topk_candidates: int = 1000
+    class_agnostic: bool = False
+    objectness_weight: float = 0.0
+    centering: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.objectness_weight <= 1.0:
+            raise ValueError(f"objectness weight {self.objectness_weight}: use a weight in [0, 1]")
 
 
 def select_detections(boxes: torch.Tensor, scores: torch.Tensor, score_thresh: float, nms_thresh: float,
-                      max_dets: int, topk_candidates: int
+                      max_dets: int, topk_candidates: int, class_agnostic: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-class NMS over [R, 4] class-agnostic boxes and [R, K] scores; returns boxes, scores, labels, box rows.
+    """NMS over [R, 4] class-agnostic boxes and [R, K] scores; returns boxes, scores, labels, box rows.
+
+    ``class_agnostic``: one label per box: each box keeps its best class, and NMS runs across classes
+    (ultralytics' ``agnostic_nms``). All classes of a row share its box, so this equals NMS over every
+    (box, class) pair with the class ignored. Otherwise NMS runs per class, as the COCO/LVIS protocol
+    expects (a box may then carry several labels).
 
     The result equals per-class NMS over every (box, class) pair over the threshold, keeping the best
     ``max_dets``; but with 1203 classes and score threshold 0 that is over a million candidates, so
@@ -22,9 +54,15 @@ def select_detections(boxes: torch.Tensor, scores: torch.Tensor, score_thresh: f
     that are under the threshold too, and the result equals thresholding first. That leaves one
     data-dependent size (NMS's own) and so one device-to-host sync per image and round.
     """
-    num_classes = scores.shape[1]
     # boxes left without area by clipping carry no detection (torchvision drops them too)
     empty = (boxes[:, 2] - boxes[:, 0] <= 1e-2) | (boxes[:, 3] - boxes[:, 1] <= 1e-2)
+    if class_agnostic:
+        best, labels = scores.masked_fill(empty[:, None], float("-inf")).max(dim=1)
+        rows = (best > score_thresh).nonzero().squeeze(1)
+        keep = nms(boxes[rows].float(), best[rows].float(), nms_thresh)[:max_dets]
+        rows = rows[keep]
+        return boxes[rows], best[rows], labels[rows], rows
+    num_classes = scores.shape[1]
     flat = scores.masked_fill(empty[:, None], float("-inf")).reshape(-1)
     k = topk_candidates if topk_candidates > 0 else flat.numel()
     while True:

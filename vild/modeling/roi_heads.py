@@ -15,7 +15,7 @@ from .box_head import ViLDBoxHead
 from .classifier import TextClassifier, ensemble_scores
 from .conv_stack import run_conv_stack
 from .losses import box_regression_loss, classification_loss, distillation_loss
-from .postprocess import select_detections
+from .postprocess import DetectionSettings, select_detections
 from .sampling import batched_box_iou, box_valid, pad_boxes, sample_balanced, sampled_rows
 
 VARIANTS = ("text", "vild", "ensemble")
@@ -40,8 +40,8 @@ class ViLDRoIHeads(nn.Module):
                  mask_predictor: nn.Module | None, *, variant: str = "vild", fg_iou_thresh: float = 0.5,
                  bg_iou_thresh: float = 0.5, batch_size_per_image: int = 512, positive_fraction: float = 0.25,
                  bbox_reg_weights: tuple = (10.0, 10.0, 5.0, 5.0), distill_weight: float = 0.5,
-                 num_distill_proposals: int = 300, ensemble_lambda: float = 2 / 3, score_thresh: float = 0.0,
-                 nms_thresh: float = 0.5, detections_per_img: int = 300, topk_candidates: int = 1000):
+                 num_distill_proposals: int = 300, ensemble_lambda: float = 2 / 3,
+                 test_settings: DetectionSettings = DetectionSettings()):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown MODEL.VILD.VARIANT {variant!r}: use one of {VARIANTS}")
@@ -57,8 +57,10 @@ class ViLDRoIHeads(nn.Module):
         self.distill_weight = distill_weight
         self.num_distill_proposals = num_distill_proposals
         self.ensemble_lambda = ensemble_lambda
-        self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
-        self.detections_per_img, self.topk_candidates = detections_per_img, topk_candidates
+        self.test_settings = test_settings
+        # mean embedding of typical proposals per head (vild.engine.calibration); zeros until measured.
+        # Not persistent: measured after training, it travels in a checkpoint's "calibration" entry
+        self.register_buffer("region_mean", torch.zeros(2, classifier.embed_dim), persistent=False)
 
     @property
     def mask_on(self) -> bool:
@@ -172,15 +174,30 @@ class ViLDRoIHeads(nn.Module):
         return maskrcnn_loss(logits, pos_rois, gt_masks, agnostic, pos_matched)
 
     # ---- inference ------------------------------------------------------------------------
-    def class_scores(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return per-class probabilities [R, K] (background dropped) and box deltas [R, 4]."""
+    def class_scores(self, pooled: torch.Tensor, objectness: torch.Tensor | None = None,
+                     settings: DetectionSettings | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return per-class scores [R, K] and box deltas [R, 4].
+
+        A score is the class probability (background and the classifier's hidden reference categories
+        compete in the softmax, then are dropped), times the proposal's RPN objectness [R] to the power
+        ``settings.objectness_weight`` (w): p^(1-w) · o^w, a geometric mean. The objectness is
+        class-agnostic and learned from every annotated box, so it stays meaningful for names never
+        trained on, while the softmax over a few names is forced to pick one of them for any region.
+        """
+        st = settings or self.test_settings
+        shift = st.centering * self.region_mean if st.centering else (None, None)
+        k = self.classifier.num_classes
         emb, deltas = self.text_head(pooled)
-        p_text = F.softmax(self.classifier(emb).float(), dim=-1)[:, 1:]
-        if self.image_head is None:
-            return p_text, deltas
-        img_emb, _ = self.image_head(pooled)
-        p_image = F.softmax(self.classifier(img_emb, with_background=False).float(), dim=-1)
-        return ensemble_scores(p_text, p_image, self.classifier.base_mask, self.ensemble_lambda), deltas
+        scores = F.softmax(self.classifier(emb, shift=shift[0]).float(), dim=-1)[:, 1:k + 1]
+        if self.image_head is not None:
+            img_emb, _ = self.image_head(pooled)
+            p_image = F.softmax(self.classifier(img_emb, with_background=False, shift=shift[1]).float(),
+                                dim=-1)[:, :k]
+            scores = ensemble_scores(scores, p_image, self.classifier.base_mask, self.ensemble_lambda)
+        w = st.objectness_weight
+        if w > 0 and objectness is not None:
+            scores = scores.clamp_min(1e-12) ** (1.0 - w) * objectness.float().clamp_min(1e-12)[:, None] ** w
+        return scores, deltas
 
     def _predict_masks(self, features: dict, image_sizes: list, results: list[dict], rows: list[torch.Tensor]) -> None:
         """Class-agnostic masks, computed once per distinct box: detections of several classes from one
@@ -201,17 +218,24 @@ class ViLDRoIHeads(nn.Module):
         for r, p, inv in zip(results, probs.split([len(b) for b in boxes]), inverse):
             r["mask_probs"] = p[:, 0][inv]
 
-    def forward_test(self, features: dict, proposals: list[torch.Tensor], image_sizes: list) -> list[dict]:
-        """Detections per image in the frame of the (resized) network input; masks as [n, M, M] probabilities."""
+    def forward_test(self, features: dict, proposals: list[torch.Tensor], image_sizes: list,
+                     objectness: list[torch.Tensor] | None = None, settings: DetectionSettings | None = None
+                     ) -> list[dict]:
+        """Detections per image in the frame of the (resized) network input; masks as [n, M, M] probabilities.
+
+        ``objectness``: the RPN's probability of each proposal; ``settings``: what to keep (default: the
+        config's ``test_settings``).
+        """
+        st = settings or self.test_settings
         pooled = self.box_pooler(features, proposals, image_sizes)
-        scores, deltas = self.class_scores(pooled)
+        scores, deltas = self.class_scores(pooled, torch.cat(objectness) if objectness is not None else None, st)
         boxes = self.box_coder.decode(deltas.float(), proposals).squeeze(1)
         counts = [len(p) for p in proposals]
         results, rows = [], []
         for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes):
             b = box_ops.clip_boxes_to_image(b, size)
-            db, ds, dl, row = select_detections(b, s, self.score_thresh, self.nms_thresh, self.detections_per_img,
-                                                self.topk_candidates)
+            db, ds, dl, row = select_detections(b, s, st.score_thresh, st.nms_thresh, st.max_dets,
+                                                st.topk_candidates, st.class_agnostic)
             results.append({"boxes": db, "scores": ds, "labels": dl})
             rows.append(row)
         if self.mask_on:

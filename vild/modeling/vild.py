@@ -12,6 +12,7 @@ from ..config import CfgNode
 from .backbone import build_backbone, norm_layer_for
 from .box_head import ViLDBoxHead
 from .classifier import TextClassifier
+from .postprocess import DetectionSettings
 from .preprocess import ImagePreprocessor
 from .roi_heads import ViLDRoIHeads
 from .rpn import BatchedRPN
@@ -31,13 +32,19 @@ class ViLD(nn.Module):
         """Dimension of the region (and text) embeddings."""
         return self.roi_heads.classifier.embed_dim
 
-    def set_vocabulary(self, text_embeddings: torch.Tensor, base_mask: torch.Tensor | None = None) -> None:
-        """Swap the vocabulary: [K, D] normalised text embeddings; ``base_mask`` marks training categories."""
-        self.roi_heads.classifier.set_vocabulary(text_embeddings, base_mask)
+    def set_vocabulary(self, text_embeddings: torch.Tensor, base_mask: torch.Tensor | None = None,
+                       reference: torch.Tensor | None = None) -> None:
+        """Swap the vocabulary: [K, D] normalised text embeddings; ``base_mask`` marks training categories;
+        ``reference`` [Kr, D]: hidden categories that compete for regions but are never output."""
+        self.roi_heads.classifier.set_vocabulary(text_embeddings, base_mask, reference)
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None,
-                paste_masks: bool = True) -> dict[str, torch.Tensor] | list[dict]:
-        """Training: dict of losses. Inference: per-image dicts of boxes, scores, labels, masks (original frame)."""
+                paste_masks: bool = True, settings: DetectionSettings | None = None
+                ) -> dict[str, torch.Tensor] | list[dict]:
+        """Training: dict of losses. Inference: per-image dicts of boxes, scores, labels, masks (original frame).
+
+        ``settings`` (inference): threshold, NMS and detection count for this call; default: the config's.
+        """
         if self.training and targets is None:
             raise ValueError("training mode needs targets; call model.eval() for inference")
         batch, original_sizes = self.preprocessor(images)
@@ -48,8 +55,8 @@ class ViLD(nn.Module):
             proposals, rpn_losses = self.rpn(batch, features, targets)
             losses = self.roi_heads.forward_train(features, proposals, batch.image_sizes, targets)
             return {**rpn_losses, **losses}
-        proposals, _ = self.rpn(batch, features)
-        results = self.roi_heads.forward_test(features, proposals, batch.image_sizes)
+        proposals, objectness, *_ = self.rpn.propose(batch, features)
+        results = self.roi_heads.forward_test(features, proposals, batch.image_sizes, objectness, settings)
         return self.preprocessor.postprocess(results, batch.image_sizes, original_sizes, self.mask_threshold,
                                              paste=paste_masks)
 
@@ -105,7 +112,8 @@ def build_model(cfg: CfgNode, load_pretrained: bool = True) -> ViLD:
         batch_size_per_image=rh.BATCH_SIZE_PER_IMAGE, positive_fraction=rh.POSITIVE_FRACTION,
         bbox_reg_weights=tuple(bh.BBOX_REG_WEIGHTS), distill_weight=v.DISTILL_WEIGHT,
         num_distill_proposals=v.NUM_DISTILL_PROPOSALS, ensemble_lambda=v.ENSEMBLE_LAMBDA,
-        score_thresh=rh.SCORE_THRESH_TEST, nms_thresh=rh.NMS_THRESH_TEST, detections_per_img=rh.DETECTIONS_PER_IMAGE,
-        topk_candidates=rh.TOPK_CANDIDATES_TEST)
+        test_settings=DetectionSettings(rh.SCORE_THRESH_TEST, rh.NMS_THRESH_TEST, rh.DETECTIONS_PER_IMAGE,
+                                        rh.TOPK_CANDIDATES_TEST, rh.CLASS_AGNOSTIC_NMS_TEST,
+                                        rh.OBJECTNESS_WEIGHT_TEST, rh.CENTERING_TEST))
     pre = ImagePreprocessor(m.PIXEL_MEAN, m.PIXEL_STD, cfg.INPUT.TEST_SIZE, cfg.INPUT.SIZE_DIVISIBILITY)
     return ViLD(pre, backbone, rpn, roi_heads, m.ROI_MASK_HEAD.MASK_THRESHOLD)

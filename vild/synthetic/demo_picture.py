@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..api import Detector, default_score_thresh
+from ..api import Detector
 from ..io import read_image
 from ..visualize import draw_detections
 
@@ -31,7 +31,7 @@ def save_novel_picture(weights: str | Path, world: dict, out: str | Path, count:
     """Detect only the novel category names on held-out images and tile the annotated images into one PNG."""
     det = Detector.from_checkpoint(weights, device="cpu")
     det.set_vocabulary(world["novel_names"])
-    det.score_thresh = default_score_thresh(det.variant)
+    det.score_thresh = det.display_score_thresh
     tiles = []
     for path in novel_val_images(world, count):
         r = det(str(path))

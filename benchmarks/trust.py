@@ -1,0 +1,137 @@
+"""Are the boxes shown at the default settings real? Precision and recall of demo models on an unseen world.
+
+For each checkpoint: a world generated with a seed the model never saw; ``Detector`` at the settings
+``vild-detect`` uses by default (its score threshold, one label per box, 100 detections), once with the
+novel names only and once with all names; precision and recall at IoU 0.5 (same category), per
+category, and the boxes per image naming a category absent from that image. Beside it, novel AP50
+under the evaluation protocol (per-class NMS, threshold 0, the config's detection count, official
+pycocotools) for the model's scoring and for the plain class probability.
+
+    python benchmarks/trust.py --weights output/demo/vild/model_final.pth output/demo/vild_ensemble/model_final.pth
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vild import Detector  # noqa: E402
+from vild.api import DISPLAY_CENTERING, DISPLAY_OBJECTNESS_WEIGHT, default_score_thresh  # noqa: E402
+from vild.evaluation.matching import match_coco  # noqa: E402
+from vild.synthetic.world import CATEGORY_NAMES, NOVEL_NAMES, generate_world  # noqa: E402
+
+
+def detect_world(det: Detector, world: dict, names: list[str]) -> list[dict]:
+    """COCO-results detections of ``det`` with vocabulary ``names`` on the world's validation images."""
+    gt = json.loads(Path(world["coco_val"]).read_text())
+    ids = {c["name"]: c["id"] for c in gt["categories"]}
+    det.set_vocabulary(names)
+    out = []
+    for im in gt["images"]:
+        r = det(str(Path(world["images_val"]) / im["file_name"]))
+        out += [{k: v for k, v in d.items() if k != "segmentation"} for d in r.to_coco_json(im["id"], ids)]
+    return out
+
+
+def protocol_ap50(det: Detector, world: dict, objectness_weight: float, centering: float) -> dict:
+    """Box AP50 on novel / base / all categories through the evaluation's own data path (per-class NMS,
+    threshold 0, the config's detection count), scored with the given objectness weight and centering."""
+    from contextlib import nullcontext
+
+    from vild.data import build_dataset, build_test_loader
+    from vild.engine.inference import inference_on_dataset
+    from vild.evaluation import build_evaluator
+    cfg = det.cfg.clone()
+    cfg.DATASETS.CUSTOM.merge({"trust_val": {"JSON": world["lvis_val"], "IMAGES": world["images_val"],
+                                             "TYPE": "coco", "SPLIT": "lvis"}}, allow_new=True)
+    ds = build_dataset(cfg, "trust_val", train=False, masks=False)
+    det.reference_vocabulary = False  # every category is named: nothing to hide
+    det.set_vocabulary(ds.category_names)
+    heads = det.model.roi_heads
+    saved = heads.test_settings
+    heads.test_settings = dataclasses.replace(saved, objectness_weight=objectness_weight, centering=centering)
+    try:
+        m = inference_on_dataset(det.model, build_test_loader(cfg, ds), build_evaluator(ds, None), det.device,
+                                 nullcontext())
+    finally:
+        heads.test_settings = saved
+    return {k: m["bbox"][k] for k in ("AP50_novel", "AP50_base", "AP50_all")}
+
+
+# the settings vild-detect showed before scoring with objectness, centering and hidden training names:
+# per-class NMS and the class probability alone, at 0.3 (0.05 for ViLD-ensemble)
+PLAIN = {"per_class_nms": True, "objectness_weight": 0.0, "centering": 0.0, "reference_vocabulary": False}
+PLAIN_THRESH = {"text": 0.3, "vild": 0.3, "ensemble": 0.05}
+
+
+def shown(det: Detector, world: dict, gt: dict) -> dict:
+    """Precision / recall of what ``det`` shows with the novel names only and with every name."""
+    out = {"score_thresh": det.score_thresh}
+    for key, names in (("novel_names", list(NOVEL_NAMES)), ("all_names", list(CATEGORY_NAMES))):
+        dets = detect_world(det, world, names)
+        out[key] = match_coco(gt, dets, names).summary()
+        if key == "all_names":  # the novel objects alone, when every name competes
+            out[key]["novel_objects"] = match_coco(gt, dets, list(NOVEL_NAMES)).summary()
+    return out
+
+
+def measure(weights: str, world: dict) -> dict:
+    """Every figure for one checkpoint: the defaults, the plain settings, and AP under the protocol."""
+    gt = json.loads(Path(world["coco_val"]).read_text())
+    det = Detector.from_checkpoint(weights, device="cpu", max_dets=100)
+    det.score_thresh = det.display_score_thresh
+    row = {"weights": weights, "variant": det.variant, "calibrated": det.display_score_thresh != default_score_thresh(
+        det.variant), "defaults": shown(det, world, gt)}
+    for k, v in PLAIN.items():
+        setattr(det, k, v)
+    det.score_thresh = PLAIN_THRESH[det.variant]
+    row["plain"] = shown(det, world, gt)
+    row["protocol"] = {"model_scoring": protocol_ap50(det, world, DISPLAY_OBJECTNESS_WEIGHT, DISPLAY_CENTERING),
+                       "class_probability_only": protocol_ap50(det, world, 0.0, 0.0)}
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse arguments, measure each checkpoint, write the result file."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", nargs="+", default=["tests/assets/demo_model/model.pth"])
+    p.add_argument("--seed", type=int, default=11, help="world seed (the demo trains on seed 0)")
+    p.add_argument("--num-val", type=int, default=60)
+    p.add_argument("--out", default="benchmarks/results/trust_synthetic.json")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    scratch = Path(tempfile.mkdtemp(prefix="vild_trust_"))
+    try:
+        world = generate_world(str(scratch / "world"), seed=a.seed, num_train=0, num_val=a.num_val, image_size=128)
+        rows = [measure(w, world) for w in a.weights]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    result = {"what": "precision / recall at the CLI's default settings on a world of an unseen seed",
+              "world": {"seed": a.seed, "num_val": a.num_val}, "iou": 0.5, "rows": rows,
+              "machine": {"platform": platform.platform(), "torch": torch.__version__}}
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=1))
+    for r in rows:
+        for key in ("plain", "defaults"):
+            d = r[key]
+            n, al = d["novel_names"], d["all_names"]
+            print(f"{r['variant']:9s} {key:8s} thr {d['score_thresh']:.3f}: novel names P {n['precision']:.2f} "
+                  f"R {n['recall']:.2f} absent/img {n['absent_per_image']:.2f} | all names P {al['precision']:.2f} "
+                  f"R {al['recall']:.2f}")
+        print(f"{r['variant']:9s} protocol AP50 novel: scoring {r['protocol']['model_scoring']['AP50_novel']:.1f}, "
+              f"class probability only {r['protocol']['class_probability_only']['AP50_novel']:.1f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Scores that mean "this is a <name>": class-agnostic NMS, objectness weighting, hidden reference names."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_iou, nms
+
+from vild.config import load_config
+from vild.evaluation.matching import MatchCounts, match_image
+from vild.modeling import build_model
+from vild.modeling.classifier import TextClassifier
+from vild.modeling.postprocess import DetectionSettings, select_detections
+
+DIM = 32
+
+
+def tiny_model(variant="vild", **overrides):
+    opts = ["MODEL.VILD.VARIANT", variant]
+    for k, v in overrides.items():
+        opts += [k, str(v)]
+    torch.manual_seed(0)
+    return build_model(load_config("tiny_test.yaml", opts))
+
+
+def random_boxes(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * 200
+    return torch.cat([xy, xy + 20 + torch.rand(n, 2, generator=g) * 60], 1), g
+
+
+def test_class_agnostic_selection_keeps_one_label_per_box_and_equals_nms_over_best_classes():
+    boxes, g = random_boxes(300)
+    scores = torch.randn(300, 1 + 12, generator=g).mul(3).softmax(-1)[:, 1:]
+    b, s, lab, rows = select_detections(boxes, scores, 0.05, 0.5, 100, 1000, class_agnostic=True)
+    best, best_lab = scores.max(1)
+    ok = (best > 0.05).nonzero().squeeze(1)
+    ref = ok[nms(boxes[ok], best[ok], 0.5)][:100]
+    assert torch.equal(rows, ref)
+    assert torch.equal(lab, best_lab[ref]) and torch.equal(s, best[ref])
+    iou = box_iou(b, b).fill_diagonal_(0)
+    assert iou.max() <= 0.5  # no two kept boxes overlap past the NMS threshold, whatever their classes
+    # per-class NMS leaves several labels on one box for flat enough scores
+    flat = torch.randn(300, 12, generator=g).mul(0.5).softmax(-1)
+    _, _, _, rows_pc = select_detections(boxes, flat, 0.05, 0.5, 300, 1000)
+    assert len(rows_pc.unique()) < len(rows_pc)
+
+
+def test_objectness_weight_is_a_geometric_mean_with_the_rpn_probability():
+    model = tiny_model("vild").eval()
+    model.set_vocabulary(F.normalize(torch.randn(5, DIM), dim=-1))
+    heads = model.roi_heads
+    pooled = torch.randn(7, 32, 7, 7)
+    objectness = torch.rand(7)
+    with torch.no_grad():
+        s, _ = heads.class_scores(pooled, objectness, DetectionSettings(objectness_weight=0.4))
+        emb, _ = heads.text_head(pooled)
+        p = F.softmax(heads.classifier(emb), -1)[:, 1:]
+        plain, _ = heads.class_scores(pooled, objectness)  # the config's settings: the class probability alone
+    assert torch.allclose(s, p ** 0.6 * objectness[:, None] ** 0.4, atol=1e-6)
+    assert torch.allclose(plain, p, atol=1e-6)
+    with pytest.raises(ValueError, match="objectness weight"):
+        DetectionSettings(objectness_weight=1.5)
+
+
+def test_centering_subtracts_the_mean_region_from_names_but_not_from_the_background():
+    model = tiny_model("ensemble").eval()
+    g = torch.Generator().manual_seed(2)
+    text = F.normalize(torch.randn(4, DIM, generator=g), dim=-1)
+    model.set_vocabulary(text, torch.tensor([True, True, False, False]))
+    heads = model.roi_heads
+    heads.region_mean.copy_(torch.randn(2, DIM, generator=g) * 0.3)
+    pooled = torch.randn(6, 32, 7, 7, generator=g)
+    with torch.no_grad():
+        got, _ = heads.class_scores(pooled, settings=DetectionSettings(centering=0.5))
+        emb, _ = heads.text_head(pooled)
+        img, _ = heads.image_head(pooled)
+        clf = heads.classifier
+        bg = F.normalize(clf.background, dim=0)
+        lt = torch.cat([emb @ bg[:, None], (emb - 0.5 * heads.region_mean[0]) @ text.T], 1) / clf.temperature
+        li = (img - 0.5 * heads.region_mean[1]) @ text.T / clf.temperature
+        lam = heads.ensemble_lambda
+        pt, pi = lt.softmax(-1)[:, 1:], li.softmax(-1)
+        w = torch.tensor([lam, lam, 1 - lam, 1 - lam])
+    assert torch.allclose(got, pt.clamp_min(1e-12) ** w * pi.clamp_min(1e-12) ** (1 - w), atol=1e-6)
+
+
+def test_region_mean_is_measured_on_proposals_and_travels_in_a_checkpoint_entry():
+    from vild.engine.calibration import apply_calibration, calibration_entry, measure_region_mean
+    model = tiny_model("vild")
+    model.set_vocabulary(F.normalize(torch.randn(3, DIM), dim=-1))
+    g = torch.Generator().manual_seed(0)
+    images = [(torch.rand(3, 64, 96, generator=g) * 255).to(torch.uint8) for _ in range(3)]
+    mean = measure_region_mean(model, images, batch_size=2)
+    assert model.training  # left as it was
+    model.eval()
+    with torch.no_grad():  # by hand: every test-time proposal of every image, through the text head
+        embs = []
+        for im in images:
+            batch, _ = model.preprocessor([im])
+            feats = model.backbone(batch.tensors)
+            props, *_ = model.rpn.propose(batch, feats)
+            embs.append(model.roi_heads.text_head(model.roi_heads.box_pooler(feats, props, batch.image_sizes))[0])
+    assert torch.allclose(mean[0], torch.cat(embs).mean(0), atol=1e-5)
+    assert torch.equal(mean[1], torch.zeros(DIM))  # no image head
+    other = tiny_model("vild")
+    assert apply_calibration(other, calibration_entry(mean)) and torch.allclose(other.roi_heads.region_mean, mean)
+    assert not apply_calibration(other, None)
+    with pytest.raises(ValueError, match="measure it again"):
+        apply_calibration(other, {"region_mean": [[0.0] * (DIM + 1)] * 2})
+
+
+def test_hidden_reference_names_take_their_regions_and_never_appear():
+    clf = TextClassifier(DIM, temperature=0.05)
+    names = F.normalize(torch.randn(6, DIM, generator=torch.Generator().manual_seed(3)), dim=-1)
+    visible, hidden = names[:2], names[2:]
+    regions = torch.cat([visible, hidden])  # regions that look exactly like each category
+    clf.set_vocabulary(visible)
+    alone = F.softmax(clf(regions), -1)[:, 1:]
+    clf.set_vocabulary(visible, reference=hidden)
+    logits = clf(regions)
+    assert logits.shape == (6, 1 + 2 + 4)
+    with_ref = F.softmax(logits, -1)[:, 1:3]
+    # a region showing a hidden category no longer scores high for a visible one ...
+    assert (with_ref[2:].max(1).values < alone[2:].max(1).values).all()
+    assert with_ref[2:].max() < 0.5
+    # ... while regions of the visible names keep their scores
+    assert (with_ref[:2].diagonal() > 0.9).all()
+    with pytest.raises(ValueError, match="EMBED_DIM"):
+        clf.set_vocabulary(visible, reference=torch.randn(2, DIM + 1))
+
+
+def test_model_scores_have_one_column_per_visible_name_with_a_reference():
+    model = tiny_model("ensemble").eval()
+    g = torch.Generator().manual_seed(0)
+    model.set_vocabulary(F.normalize(torch.randn(3, DIM, generator=g), dim=-1), torch.tensor([True, False, False]),
+                         reference=F.normalize(torch.randn(4, DIM, generator=g), dim=-1))
+    img = (torch.rand(3, 64, 80, generator=g) * 255).to(torch.uint8)
+    with torch.no_grad():
+        out = model([img], settings=DetectionSettings(score_thresh=0.0, max_dets=20, class_agnostic=True))[0]
+    assert out["labels"].max() < 3 and len(out["labels"]) <= 20
+    assert box_iou(out["boxes"], out["boxes"]).fill_diagonal_(0).max() <= 0.5
+
+
+def test_matching_counts_precision_recall_and_absent_names():
+    c = MatchCounts()
+    gt = torch.tensor([[0, 0, 10, 10], [20, 20, 30, 30]], dtype=torch.float)
+    dets = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 11], [20, 20, 30, 30], [50, 50, 60, 60]], dtype=torch.float)
+    match_image(c, dets, torch.tensor([0.9, 0.8, 0.7, 0.6]), ["star", "star", "ring", "heart"], gt, ["star", "star"])
+    # the duplicate star matches nothing (its object is taken); the ring box sits on a star: wrong name
+    assert c.tp["star"] == 1 and c.fp["star"] == 1 and c.fp["ring"] == 1 and c.fp["heart"] == 1
+    assert c.precision() == 0.25 and c.recall() == 0.5 and c.recall("star") == 0.5
+    assert c.absent == 2 and c.absent_per_image() == 2.0
