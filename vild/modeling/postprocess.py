@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torchvision.models.detection._utils import _topk_min
 from torchvision.ops import batched_nms
 
 
@@ -106,3 +107,62 @@ def _paste(masks: torch.Tensor, boxes: torch.Tensor, out: torch.Tensor, height: 
         torch.bmm(rows[s:e], wx_t[s:e], out=dst)
         torch.ge(dst, threshold, out=out[s:e])
     return out
+
+
+def select_detections_batched(boxes: torch.Tensor, scores: torch.Tensor, score_thresh: torch.Tensor | float,
+                              nms_thresh: float, max_dets: torch.Tensor | int, topk_candidates: int
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``select_detections`` for a padded batch, with no data-dependent loop, so that it traces (ONNX export).
+
+    ``boxes`` [B, R, 4] (class-agnostic) and ``scores`` [B, R, K]; padding rows carry empty boxes. Returns
+    flat boxes, scores, labels, image index and box row (within the image), grouped by image and by
+    decreasing score within an image. ``score_thresh`` and ``max_dets`` may be 0-d tensors (graph inputs).
+
+    Per image it is ``select_detections``'s first round: the ``topk_candidates`` best (box, class) pairs
+    (0 = all) over the threshold enter per-class NMS; all images go through one NMS call, grouped by
+    (image, class). It equals ``select_detections`` whenever that returns after one round, i.e. unless fewer
+    than ``max_dets`` pairs survive NMS while pairs over the threshold were left out of the top-k; there
+    ``select_detections`` widens the top-k and this keeps the survivors it has.
+    """
+    b, r, k = scores.shape
+    flat = scores.masked_fill(without_area(boxes)[..., None], float("-inf")).reshape(b, r * k)
+    k_cand = _topk_min(flat, topk_candidates, 1) if topk_candidates > 0 else flat.shape[1]
+    cand_scores, idx = flat.topk(k_cand, dim=1)  # sorted per image
+    img, col = (cand_scores > score_thresh).nonzero(as_tuple=True)
+    idx, cand_scores = idx[img, col], cand_scores[img, col]
+    rows, labels = torch.div(idx, k, rounding_mode="floor"), idx % k
+    cand_boxes = boxes[img, rows]
+    keep = batched_nms(cand_boxes.float(), cand_scores.float(), img * k + labels, nms_thresh)
+    keep = keep[rank_within_group(img[keep], b) < max_dets]
+    # NMS returns survivors by decreasing score; a stable grouping by image keeps that order within each image
+    n = keep.shape[0]
+    order = (img[keep] * n + torch.arange(n, device=keep.device)).argsort()
+    keep = keep[order]
+    return cand_boxes[keep], cand_scores[keep], labels[keep], img[keep], rows[keep]
+
+
+def without_area(boxes: torch.Tensor) -> torch.Tensor:
+    """Which xyxy boxes [..., 4] clipping left without area (``select_detections``'s rule): they carry no detection."""
+    return (boxes[..., 2] - boxes[..., 0] <= 1e-2) | (boxes[..., 3] - boxes[..., 1] <= 1e-2)
+
+
+def rank_within_group(group: torch.Tensor, num_groups: int | torch.Tensor) -> torch.Tensor:
+    """For rows sorted by some key, each row's position among the rows of its own group (0 = first)."""
+    onehot = (group[:, None] == torch.arange(num_groups, device=group.device)[None]).long()
+    return (onehot.cumsum(0) * onehot).sum(1) - 1
+
+
+def scatter_rows(values: torch.Tensor, group: torch.Tensor, rank: torch.Tensor, num_groups: int | torch.Tensor,
+                 width: int) -> torch.Tensor:
+    """Rows [N, ...] into a zero-padded [num_groups, width, ...] layout at (group, rank) (ranks below width)."""
+    out = values.new_zeros((num_groups * width,) + values.shape[1:])
+    out = out.index_put((group * width + rank,), values)
+    return out.view((num_groups, width) + values.shape[1:])
+
+
+def clip_boxes_per_image(boxes: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+    """Clip xyxy boxes [B, N, 4] to their image's (h, w) from ``image_sizes`` [B, 2] (a traceable per-image clip)."""
+    size = image_sizes.to(boxes.dtype)
+    x = torch.min(boxes[..., 0::2].clamp(min=0), size[:, None, 1:])
+    y = torch.min(boxes[..., 1::2].clamp(min=0), size[:, None, :1])
+    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)

@@ -1,0 +1,158 @@
+"""Writing the ONNX files: the detector (vocabulary as an input) and the teacher's text tower (with its tokenizer).
+
+``export_checkpoint(weights, out)`` writes ``out`` and ``text_model_path(out)``; ``export_detector`` and
+``export_text_tower`` take a model or teacher in memory. The TorchScript exporter traces the modules of
+``vild.deploy.graph`` at opset 17: torchvision registers ONNX forms of ``nms`` and ``roi_align`` there, and
+the graph's data-dependent sizes (NMS survivors, boxes over the threshold) stay dynamic in a trace.
+"""
+from __future__ import annotations
+
+import gzip
+import inspect
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from ..config import CfgNode
+from ..modeling.vild import ViLD
+from .graph import DETECTOR_INPUTS, DETECTOR_OUTPUTS, DetectorGraph, TextTowerGraph
+from .text import TEXT_FORMAT
+
+DETECTOR_FORMAT = "vild-detector-onnx-1"
+OPSET = 17
+
+
+def text_model_path(model_path: Union[str, os.PathLike]) -> Path:
+    """Where the text tower goes beside a detector file: ``model.onnx`` → ``model.text.onnx``."""
+    p = Path(model_path)
+    return p.with_name(p.name[:-len(".onnx")] + ".text.onnx" if p.name.endswith(".onnx") else p.name + ".text.onnx")
+
+
+def _trace_to_onnx(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
+                   dynamic_axes: dict) -> bytes:
+    buf = io.BytesIO()
+    kw = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    with warnings.catch_warnings():
+        # the tracer warns at every shape turned into a Python number; the graph's dynamic sizes are checked by
+        # running the file on other batch sizes, image sizes and vocabularies (tests/test_deploy.py)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        torch.onnx.export(module, args, buf, input_names=input_names, output_names=output_names,
+                          dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True, **kw)
+    return buf.getvalue()
+
+
+def _save_with_metadata(data: bytes, path: Union[str, os.PathLike], metadata: dict[str, str]) -> Path:
+    try:
+        import onnx
+    except ImportError:
+        raise RuntimeError("exporting needs the onnx package: pip install 'vild[onnx]'") from None
+    from ..utils.atomic import atomic_write_bytes
+
+    model = onnx.load_from_string(data)
+    for k, v in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    path = Path(path)
+    atomic_write_bytes(path, model.SerializeToString())
+    return path
+
+
+def example_batch(test_size: int, size_divisibility: int, embed_dim: int, seed: int = 0) -> tuple:
+    """Inputs to trace with: two noise images of different sizes, three categories."""
+    g = torch.Generator().manual_seed(seed)
+    side = max(test_size, 64)
+    pad = -(-side // size_divisibility) * size_divisibility
+    sizes = torch.tensor([[side, side], [side * 3 // 4, side]], dtype=torch.int64)
+    images = torch.rand(2, 3, pad, pad, generator=g) * 255
+    text = torch.nn.functional.normalize(torch.randn(3, embed_dim, generator=g), dim=-1)
+    return images, sizes, text, torch.tensor(0.0), torch.tensor(100, dtype=torch.int64)
+
+
+def export_detector(model: ViLD, path: Union[str, os.PathLike], cfg: CfgNode,
+                    training_vocabulary: Optional[list] = None, teacher: Optional[dict] = None) -> Path:
+    """Write ``model`` as an ONNX graph whose vocabulary is an input; ``cfg`` built it (kept as metadata)."""
+    model = model.cpu().float().eval()
+    graph = DetectorGraph(model)
+    pre = model.preprocessor
+    args = example_batch(pre.test_size, pre.size_divisibility, model.embed_dim)
+    ensemble = model.roi_heads.variant == "ensemble"
+    if ensemble:
+        args = args + (torch.tensor([True, False, False]),)
+    names = list(DETECTOR_INPUTS if ensemble else DETECTOR_INPUTS[:-1])
+    outputs = [k for k in DETECTOR_OUTPUTS if k != "mask_probs" or model.roi_heads.mask_on]
+    dynamic = {"images": {0: "batch", 2: "height", 3: "width"}, "image_sizes": {0: "batch"},
+               "text_embeddings": {0: "categories"}, "base_mask": {0: "categories"},
+               **{k: {0: "detections"} for k in outputs}}
+    with torch.no_grad():
+        graph(*args)  # an eager run first sets up the poolers' scales outside the trace
+        data = _trace_to_onnx(graph, args, names, outputs, {k: v for k, v in dynamic.items() if k in names + outputs})
+    rh = cfg.MODEL.ROI_HEADS
+    meta = {
+        "format": DETECTOR_FORMAT,
+        "cfg": json.dumps(cfg.to_dict()),
+        "variant": model.roi_heads.variant,
+        "embed_dim": str(model.embed_dim),
+        "test_size": str(pre.test_size),
+        "size_divisibility": str(pre.size_divisibility),
+        "mask_threshold": str(model.mask_threshold),
+        "score_thresh": str(rh.SCORE_THRESH_TEST),
+        "max_dets": str(rh.DETECTIONS_PER_IMAGE),
+        "vocabulary": json.dumps(training_vocabulary or []),
+        "teacher": json.dumps(teacher or {}),
+    }
+    return _save_with_metadata(data, path, meta)
+
+
+def export_text_tower(teacher, path: Union[str, os.PathLike]) -> Path:
+    """Write a ``CLIPTeacher``'s text tower, tokenizer merges and prompt templates as one ONNX file."""
+    import open_clip
+    from open_clip.tokenizer import SimpleTokenizer, default_bpe
+
+    from ..teacher.text_encoder import can_truncate
+
+    tok = teacher.tokenizer
+    if type(tok) is not SimpleTokenizer or tok.reduction_fn is not None or tok.clean_fn.__name__ != "_clean_lower":
+        raise ValueError(f"the text tower of {teacher.model_name} uses a tokenizer other than CLIP's BPE "
+                         f"({type(tok).__name__}); only CLIP-BPE towers export with a torch-free tokenizer")
+    model = teacher.model.float().eval()
+    truncate = can_truncate(model)
+    ctx = int(tok.context_length)
+    tokens = tok(["a photo of a kite.", "an embroidered sofa or couch in the scene."])
+    if truncate:
+        tokens = tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]
+    with torch.no_grad():
+        data = _trace_to_onnx(TextTowerGraph(model, truncate), (tokens,), ["tokens"], ["embeddings"],
+                              {"tokens": {0: "prompts", 1: "length"} if truncate else {0: "prompts"},
+                               "embeddings": {0: "prompts"}})
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:]
+    from .tokenizer import NUM_MERGES
+    meta = {
+        "format": TEXT_FORMAT,
+        "embed_dim": str(teacher.embed_dim),
+        "context_length": str(ctx),
+        "truncate": "1" if truncate else "0",
+        "templates": json.dumps(teacher.templates),
+        "teacher": json.dumps(teacher.identity),
+        "bpe_merges": "\n".join(merges[:NUM_MERGES]),
+        "open_clip": open_clip.__version__,
+    }
+    return _save_with_metadata(data, path, meta)
+
+
+def export_checkpoint(weights: Union[str, os.PathLike], out: Union[str, os.PathLike],
+                      text_out: Union[str, os.PathLike, None] = None, with_text: bool = True) -> list[Path]:
+    """Export a vild checkpoint: the detector to ``out`` and its teacher's text tower to ``text_out``
+    (default ``text_model_path(out)``); returns the files written."""
+    from ..api import Detector
+
+    det = Detector.from_checkpoint(weights, device="cpu")
+    written = [export_detector(det.model, out, det.cfg, det.training_vocabulary, det.teacher.identity)]
+    if with_text:
+        written.append(export_text_tower(det.teacher, text_out or text_model_path(out)))
+    return written
