@@ -22,6 +22,7 @@ from ..config import CfgNode
 from ..modeling.vild import ViLD
 from .graph import DETECTOR_INPUTS, DETECTOR_OUTPUTS, DetectorGraph, TextTowerGraph
 from .text import TEXT_FORMAT
+from .tokenizer import NUM_MERGES
 
 DETECTOR_FORMAT = "vild-detector-onnx-1"
 OPSET = 17
@@ -114,29 +115,21 @@ def export_text_tower(teacher, path: Union[str, os.PathLike]) -> Path:
     import open_clip
     from open_clip.tokenizer import SimpleTokenizer, default_bpe
 
-    from ..teacher.text_encoder import can_truncate
-
     tok = teacher.tokenizer
-    if type(tok) is not SimpleTokenizer or tok.reduction_fn is not None or tok.clean_fn.__name__ != "_clean_lower":
+    clean = getattr(getattr(tok, "clean_fn", None), "__name__", "_clean_lower")  # older open_clip: always lower
+    if type(tok) is not SimpleTokenizer or getattr(tok, "reduction_fn", None) is not None or clean != "_clean_lower":
         raise ValueError(f"the text tower of {teacher.model_name} uses a tokenizer other than CLIP's BPE "
                          f"({type(tok).__name__}); only CLIP-BPE towers export with a torch-free tokenizer")
     model = teacher.model.float().eval()
-    truncate = can_truncate(model)
-    ctx = int(tok.context_length)
     tokens = tok(["a photo of a kite.", "an embroidered sofa or couch in the scene."])
-    if truncate:
-        tokens = tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]
     with torch.no_grad():
-        data = _trace_to_onnx(TextTowerGraph(model, truncate), (tokens,), ["tokens"], ["embeddings"],
-                              {"tokens": {0: "prompts", 1: "length"} if truncate else {0: "prompts"},
-                               "embeddings": {0: "prompts"}})
+        data = _trace_to_onnx(TextTowerGraph(model), (tokens,), ["tokens"], ["embeddings"],
+                              {"tokens": {0: "prompts"}, "embeddings": {0: "prompts"}})
     merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:]
-    from .tokenizer import NUM_MERGES
     meta = {
         "format": TEXT_FORMAT,
         "embed_dim": str(teacher.embed_dim),
-        "context_length": str(ctx),
-        "truncate": "1" if truncate else "0",
+        "context_length": str(tok.context_length),
         "templates": json.dumps(teacher.templates),
         "teacher": json.dumps(teacher.identity),
         "bpe_merges": "\n".join(merges[:NUM_MERGES]),

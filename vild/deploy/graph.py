@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..modeling.vild import ViLD
-from ..teacher.text_encoder import encode_cut_prompts
 
 # graph input and output names, in order (base_mask only for ViLD-ensemble, mask_probs only with a mask head)
 DETECTOR_INPUTS = ("images", "image_sizes", "text_embeddings", "score_thresh", "max_dets", "base_mask")
@@ -65,17 +64,16 @@ class DetectorGraph(nn.Module):
 
 
 class TextTowerGraph(nn.Module):
-    """The teacher's text tower: tokens int64 [N, L] → unit prompt embeddings [N, D].
+    """The teacher's text tower: tokens int64 [N, context length] → unit prompt embeddings [N, D].
 
-    ``truncate``: a causal, end-token-pooled tower (``can_truncate``) takes prompts cut after their batch's last
-    end token (L up to the context length); any other tower takes whole rows.
+    Rows run whole: the tracer keeps the attention's sequence length fixed, so the PyTorch teacher's cut after
+    the last end token (same values for a causal tower, less work) is not part of the graph.
     """
 
-    def __init__(self, clip_model: nn.Module, truncate: bool):
+    def __init__(self, clip_model: nn.Module):
         super().__init__()
-        self.model, self.truncate = clip_model, truncate
+        self.model = clip_model
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Unit embeddings of each prompt."""
-        e = encode_cut_prompts(self.model, tokens) if self.truncate else self.model.encode_text(tokens)
-        return F.normalize(e.float(), dim=-1)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)

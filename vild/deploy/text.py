@@ -74,14 +74,11 @@ class OnnxTextEncoder:
         self.templates: list[str] = json.loads(meta["templates"])
         self.identity: dict = json.loads(meta["teacher"])
         self.embed_dim = int(meta["embed_dim"])
-        self.truncate = meta["truncate"] == "1"
         self.tokenizer = BPETokenizer(meta["bpe_merges"].split("\n"), int(meta["context_length"]))
         self.batch_size = int(batch_size)
 
     def encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
         """Unit embeddings [N, D] of token rows [N, context_length]."""
-        if self.truncate:  # causal tower, read at the end token: the padding after the last one can go
-            tokens = tokens[:, :int(tokens.argmax(axis=-1).max()) + 1]
         return self.session.run(None, {"tokens": tokens.astype(np.int64)})[0]
 
     def encode(self, names: VocabLike) -> np.ndarray:

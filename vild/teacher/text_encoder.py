@@ -31,12 +31,7 @@ def encode_prompts(model: nn.Module, tokens: Tensor, device: torch.device, trunc
     if not truncate:
         return model.encode_text(tokens.to(device))
     length = int(tokens.argmax(dim=-1).max()) + 1  # on the tokenizer's (host) tensor: no device sync
-    return encode_cut_prompts(model, tokens[:, :length].to(device))
-
-
-def encode_cut_prompts(model: nn.Module, text: Tensor) -> Tensor:
-    """``model.encode_text`` of prompts [N, L] already cut after their batch's last end token (L = text.shape[1])."""
-    length = text.shape[1]
+    text = tokens[:, :length].to(device)
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(text).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
