@@ -79,7 +79,7 @@ def export_detector(model: ViLD, path: Union[str, os.PathLike], cfg: CfgNode,
                     training_vocabulary: Optional[list] = None, teacher: Optional[dict] = None) -> Path:
     """Write ``model`` as an ONNX graph whose vocabulary is an input; ``cfg`` built it (kept as metadata)."""
     model = model.cpu().float().eval()
-    graph = DetectorGraph(model)
+    graph = DetectorGraph(model).eval()  # the exporter restores the mode it found: train mode would reach the model
     pre = model.preprocessor
     args = example_batch(pre.test_size, pre.size_divisibility, model.embed_dim)
     ensemble = model.roi_heads.variant == "ensemble"
@@ -123,7 +123,7 @@ def export_text_tower(teacher, path: Union[str, os.PathLike]) -> Path:
     model = teacher.model.float().eval()
     tokens = tok(["a photo of a kite.", "an embroidered sofa or couch in the scene."])
     with torch.no_grad():
-        data = _trace_to_onnx(TextTowerGraph(model), (tokens,), ["tokens"], ["embeddings"],
+        data = _trace_to_onnx(TextTowerGraph(model).eval(), (tokens,), ["tokens"], ["embeddings"],
                               {"tokens": {0: "prompts"}, "embeddings": {0: "prompts"}})
     merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:]
     meta = {

@@ -152,15 +152,17 @@ class OnnxDetector(Detector):
     Args:
         model_path: the detector file from ``vild-export``.
         text_model: the text tower file or an ``OnnxTextEncoder`` (default: ``model.text.onnx`` beside the model,
-            if there); without one, vocabularies come as embeddings (a vocab.npz or ``VocabEmbeddings``).
+            if there; False: none); without one, vocabularies come as embeddings (a vocab.npz or
+            ``VocabEmbeddings``).
         device: cpu | cuda | cuda:N | auto (onnxruntime's CUDA provider).
         threads: onnxruntime intra-op threads (0: its default).
         **kwargs: ``Detector``'s: vocabulary (names, a vocab.npz path or ``VocabEmbeddings``), score_thresh,
             max_dets, batch_size.
     """
 
-    def __init__(self, model_path: Union[str, os.PathLike], text_model: Union[str, os.PathLike, OnnxTextEncoder,
-                 None] = None, device: str = "cpu", threads: int = 0, **kwargs: Any):
+    def __init__(self, model_path: Union[str, os.PathLike],
+                 text_model: Union[str, os.PathLike, OnnxTextEncoder, bool, None] = None, device: str = "cpu",
+                 threads: int = 0, **kwargs: Any):
         providers = providers_for(device)
         session = ort_session(model_path, providers, threads)
         meta = session_metadata(session, model_path, DETECTOR_FORMAT)
@@ -169,7 +171,7 @@ class OnnxDetector(Detector):
             text_model = text_model_path(model_path)
         if isinstance(text_model, (str, os.PathLike)):
             text_model = OnnxTextEncoder(text_model, providers)
-        teacher = text_model if text_model is not None else _NoTextEncoder(text_model_path(model_path))
+        teacher = text_model or _NoTextEncoder(text_model_path(model_path))
         self.model_teacher: dict = json.loads(meta["teacher"])
         super().__init__(OnnxModel(session, meta), teacher, cfg_from_dict(json.loads(meta["cfg"])),
                          json.loads(meta["vocabulary"]) or None, device="cpu", **kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torchvision.models.detection._utils import _topk_min
 from torchvision.ops import batched_nms
+from torchvision.ops.boxes import _batched_nms_vanilla
 
 
 def select_detections(boxes: torch.Tensor, scores: torch.Tensor, score_thresh: float, nms_thresh: float,
@@ -119,26 +120,66 @@ def select_detections_batched(boxes: torch.Tensor, scores: torch.Tensor, score_t
     decreasing score within an image. ``score_thresh`` and ``max_dets`` may be 0-d tensors (graph inputs).
 
     Per image it is ``select_detections``'s first round: the ``topk_candidates`` best (box, class) pairs
-    (0 = all) over the threshold enter per-class NMS; all images go through one NMS call, grouped by
-    (image, class). It equals ``select_detections`` whenever that returns after one round, i.e. unless fewer
-    than ``max_dets`` pairs survive NMS while pairs over the threshold were left out of the top-k; there
-    ``select_detections`` widens the top-k and this keeps the survivors it has.
+    (0 = all) over the threshold enter per-class NMS (``grouped_nms``: all images in one call). It equals
+    ``select_detections`` whenever that returns after one round, i.e. unless fewer than ``max_dets`` pairs
+    survive NMS while pairs over the threshold were left out of the top-k; there ``select_detections``
+    widens the top-k and this keeps the survivors it has.
     """
     b, r, k = scores.shape
     flat = scores.masked_fill(without_area(boxes)[..., None], float("-inf")).reshape(b, r * k)
     k_cand = _topk_min(flat, topk_candidates, 1) if topk_candidates > 0 else flat.shape[1]
-    cand_scores, idx = flat.topk(k_cand, dim=1)  # sorted per image
-    img, col = (cand_scores > score_thresh).nonzero(as_tuple=True)
-    idx, cand_scores = idx[img, col], cand_scores[img, col]
+    cand_scores, idx = flat.topk(k_cand, dim=1)  # [B, C] per image
     rows, labels = torch.div(idx, k, rounding_mode="floor"), idx % k
-    cand_boxes = boxes[img, rows]
-    keep = batched_nms(cand_boxes.float(), cand_scores.float(), img * k + labels, nms_thresh)
-    keep = keep[rank_within_group(img[keep], b) < max_dets]
-    # NMS returns survivors by decreasing score; a stable grouping by image keeps that order within each image
-    n = keep.shape[0]
-    order = (img[keep] * n + torch.arange(n, device=keep.device)).argsort()
-    keep = keep[order]
-    return cand_boxes[keep], cand_scores[keep], labels[keep], img[keep], rows[keep]
+    cand_boxes = boxes.gather(1, rows[..., None].expand(-1, -1, 4))
+    live = torch.where(cand_scores > score_thresh, cand_scores, torch.full_like(cand_scores, float("-inf")))
+    by_class = torch.full((b, k, cand_scores.shape[1]), float("-inf"), dtype=live.dtype, device=live.device)
+    by_class = by_class.scatter(1, labels[:, None, :], live[:, None, :])
+    img, cand = grouped_nms(cand_boxes, by_class, nms_thresh)
+    img, cand = best_per_group(img, cand, cand_scores[img, cand], b, max_dets)
+    return cand_boxes[img, cand], cand_scores[img, cand], labels[img, cand], img, rows[img, cand]
+
+
+def best_per_group(img: torch.Tensor, col: torch.Tensor, score: torch.Tensor, num_images: int | torch.Tensor,
+                   per_image: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best ``per_image`` (by ``score``) of each image's (image, column) pairs, grouped by image, best first."""
+    order = score.argsort(descending=True)
+    img, col = img[order], col[order]
+    keep = rank_within_group(img, num_images) < per_image
+    img, col = img[keep], col[keep]
+    n = img.shape[0]
+    # a stable grouping by image keeps the score order within each image
+    order = (img * n + torch.arange(n, device=img.device)).argsort()
+    return img[order], col[order]
+
+
+class _GroupedNMS(torch.autograd.Function):
+    """NMS per (image, group); exports to ONNX NonMaxSuppression over its batch and class axes."""
+
+    @staticmethod
+    def forward(ctx, boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+        b, g, n = scores.shape
+        img, grp, box = torch.isfinite(scores).nonzero(as_tuple=True)
+        keep = _batched_nms_vanilla(boxes[img, box], scores[img, grp, box], img * g + grp, iou_threshold)
+        return torch.stack([img[keep], grp[keep], box[keep]], dim=1)
+
+    @staticmethod
+    def symbolic(g, boxes, scores, iou_threshold: float):
+        max_out = g.op("Constant", value_t=torch.tensor([2 ** 62], dtype=torch.int64))
+        iou = g.op("Constant", value_t=torch.tensor([iou_threshold], dtype=torch.float32))
+        # -inf entries are left out: every kept score is over the lowest float
+        floor = g.op("Constant", value_t=torch.tensor([torch.finfo(torch.float32).min], dtype=torch.float32))
+        return g.op("NonMaxSuppression", boxes, scores, max_out, iou, floor)
+
+
+def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """NMS of boxes [B, N, 4] within each (image, group); ``scores`` [B, G, N] is -inf where a box is not in a group.
+
+    Returns the image and box index of each survivor (any order). Each group's NMS is torchvision's on that
+    group alone, also in the exported graph (ONNX's own batch and class axes): no coordinate offsets, whose
+    float rounding at large offsets can flip a pair whose IoU sits at the threshold.
+    """
+    kept = _GroupedNMS.apply(boxes.float(), scores.float(), float(iou_threshold))
+    return kept[:, 0], kept[:, 2]
 
 
 def without_area(boxes: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
-from torchvision.ops import batched_nms, nms
+from torchvision.ops import nms
 
-from .postprocess import clip_boxes_per_image, rank_within_group, scatter_rows
+from .postprocess import best_per_group, clip_boxes_per_image, grouped_nms, rank_within_group, scatter_rows
 
 from .sampling import batched_box_iou, box_valid, pad_boxes, sample_balanced, sampled_mask
 
@@ -155,14 +155,15 @@ class BatchedRPN(RegionProposalNetwork):
         for n in num_anchors_per_level[:-1]:
             start = start + n
             level += top_n_idx >= start
-        img, col = ok.nonzero(as_tuple=True)
-        boxes, scores = boxes[img, col], scores[img, col]
-        # dropped boxes left out before NMS: they could only suppress one another (see filter_proposals)
-        keep = batched_nms(boxes, scores, img * len(num_anchors_per_level) + level[img, col], self.nms_thresh)
-        rank = rank_within_group(img[keep], n_img)
-        keep, rank = keep[rank < self.post_nms_top_n()], rank[rank < self.post_nms_top_n()]
-        return (scatter_rows(boxes[keep], img[keep], rank, n_img, self.post_nms_top_n()),
-                scatter_rows(scores[keep], img[keep], rank, n_img, self.post_nms_top_n()))
+        # one NMS group per (image, level); dropped boxes are in none
+        live = torch.where(ok, scores, torch.full_like(scores, float("-inf")))
+        by_level = torch.full((n_img, len(num_anchors_per_level), scores.shape[1]), float("-inf"), dtype=scores.dtype,
+                              device=scores.device).scatter(1, level[:, None, :], live[:, None, :])
+        img, col = grouped_nms(boxes, by_level, self.nms_thresh)
+        img, col = best_per_group(img, col, scores[img, col], n_img, self.post_nms_top_n())
+        rank = rank_within_group(img, n_img)
+        return (scatter_rows(boxes[img, col], img, rank, n_img, self.post_nms_top_n()),
+                scatter_rows(scores[img, col], img, rank, n_img, self.post_nms_top_n()))
 
     def forward(self, images: ImageList, features: dict[str, Tensor],
                 targets: list[dict[str, Tensor]] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
