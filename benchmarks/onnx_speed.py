@@ -50,7 +50,7 @@ def demo_figure(work: Path, args) -> dict:
     det = OnnxDetector(model_path, threads=args.threads, batch_size=4)
     load = os.getloadavg()[0]
     times = interleaved({"torch": lambda: ref.predict(images), "onnxruntime": lambda: det.predict(images)},
-                        torch.device("cpu"), args.repeats, args.warmup, label="demo")
+                        torch.device("cpu"), args.demo_repeats, args.warmup, label="demo")
     a, b = ref.predict(images[:4]), det.predict(images[:4])
     same = all(torch.equal(x.labels, y.labels) for x, y in zip(a, b))
     return {"model": "tests/assets/demo_model (tiny CNN-FPN, 128 px)", "images": len(images), "batch_size": 4,
@@ -97,7 +97,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "onnx_cpu.json"))
     p.add_argument("--threads", type=int, default=2, help="torch threads = onnxruntime intra-op threads")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each backend on R50")
+    p.add_argument("--demo-repeats", type=int, default=9, help="timed runs of each backend on the demo model")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--size", type=int, default=320, help="R50 test size")
     p.add_argument("--demo-images", type=int, default=16)
@@ -120,7 +121,8 @@ def main(argv=None) -> None:
         log(f"{name}: torch {f['images_per_s']['torch']:.2f} img/s, onnxruntime {f['images_per_s']['onnxruntime']:.2f} "
             f"img/s, ratio {f['ratio_onnx_over_torch']:.2f}")
     write_result(args.out, {"what": "onnxruntime vs PyTorch, CPU, end-to-end detector calls", "threads": args.threads,
-                            "repeats": args.repeats, "warmup": args.warmup, "onnxruntime": onnxruntime.__version__,
+                            "repeats": args.repeats, "demo_repeats": args.demo_repeats, "warmup": args.warmup,
+                            "onnxruntime": onnxruntime.__version__,
                             "figures": figures}, torch.device("cpu"))
 
 

@@ -194,7 +194,8 @@ for name in ("torch", "torchvision", "open_clip"):
 import numpy as np
 from vild.deploy.cli import embed_main
 from vild.deploy.text import load_vocab
-rc = embed_main(["--text-model", {str(exported['text'])!r}, "--vocab", "kite,couch|sofa", "--out", {str(tmp_path / 'v.npz')!r}])
+rc = embed_main(["--text-model", {str(exported['text'])!r}, "--vocab", "kite,couch|sofa",
+                 "--out", {str(tmp_path / 'v.npz')!r}])
 assert rc == 0, rc
 v = load_vocab({str(tmp_path / 'v.npz')!r})
 assert v.names == [["kite"], ["couch", "sofa"]], v.names

@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from typing import Any
+from ..utils.lazy import lazy_getattr
 
 _EXPORTS = {
     "export_checkpoint": "export",
@@ -23,10 +23,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'vild.deploy' has no attribute {name!r}")
-    import importlib
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())

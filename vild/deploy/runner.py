@@ -196,4 +196,5 @@ class OnnxDetector(Detector):
         if want and got and want != got:
             raise ValueError(f"these embeddings come from another text tower ({teacher.get('model')}, sha256 "
                              f"{got[:12]}…) than the model was trained with ({self.model_teacher.get('model')}, "
-                             f"{want[:12]}…): embed the names again with vild-embed --weights <this model's checkpoint>")
+                             f"{want[:12]}…): embed the names again with vild-embed --weights <this model's "
+                             f"checkpoint>")

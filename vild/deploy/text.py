@@ -82,7 +82,7 @@ class OnnxTextEncoder:
         return self.session.run(None, {"tokens": tokens.astype(np.int64)})[0]
 
     def encode(self, names: VocabLike) -> np.ndarray:
-        """[K, D] float32 unit embeddings; entry k is a name, "a|b", or a synonym list (as ``CLIPTeacher.encode_text``)."""
+        """[K, D] float32 unit embeddings; entry k is a name, "a|b" or a synonym list (as in ``CLIPTeacher``)."""
         vocab = parse_vocabulary(names, dedupe=False) if not isinstance(names, str) else parse_vocabulary(names)
         if not isinstance(names, str) and len(vocab) != len(names):
             raise ValueError("every vocabulary entry needs a non-blank name (a blank would shift label indices)")

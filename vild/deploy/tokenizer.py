@@ -19,7 +19,7 @@ NUM_MERGES = 49152 - 256 - 2
 @lru_cache()
 def bytes_to_unicode() -> dict[int, str]:
     """CLIP's reversible map of the 256 byte values to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(2 ** 8):

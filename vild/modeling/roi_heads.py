@@ -219,9 +219,9 @@ class ViLDRoIHeads(nn.Module):
             self._predict_masks(features, image_sizes, results, rows)
         return results
 
-
     def forward_test_padded(self, features: dict, proposals: torch.Tensor, image_sizes: torch.Tensor,
-                            score_thresh: torch.Tensor | float, max_dets: torch.Tensor | int) -> dict[str, torch.Tensor]:
+                            score_thresh: torch.Tensor | float, max_dets: torch.Tensor | int
+                            ) -> dict[str, torch.Tensor]:
         """``forward_test`` for padded proposals [B, P, 4] (zero rows: none) with no per-image loop, so that it traces.
 
         ``image_sizes`` int [B, 2]; ``score_thresh`` and ``max_dets`` may be 0-d tensors. Returns flat
@@ -239,12 +239,14 @@ class ViLDRoIHeads(nn.Module):
                                                       self.nms_thresh, max_dets, self.topk_candidates)
         out = {"boxes": db, "scores": ds, "labels": dl, "batch_index": di}
         if self.mask_on:
-            pooled = pool_rois(self.mask_pooler, features, torch.cat([di[:, None].to(db.dtype), db], dim=1), image_sizes)
+            rois = torch.cat([di[:, None].to(db.dtype), db], dim=1)
+            pooled = pool_rois(self.mask_pooler, features, rois, image_sizes)
             out["mask_probs"] = self.mask_predictor(run_conv_stack(self.mask_head, pooled)).sigmoid()[:, 0]
         return out
 
 
-def pool_rois(pooler: MultiScaleRoIAlign, features: dict, rois: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+def pool_rois(pooler: MultiScaleRoIAlign, features: dict, rois: torch.Tensor, image_sizes: torch.Tensor
+              ) -> torch.Tensor:
     """``pooler(features, boxes_per_image, sizes)`` for rois [N, 5] (image index, x0, y0, x1, y1), a layout whose
     number of images can stay dynamic in a traced graph; same levels, scales and RoIAlign as the pooler's."""
     x = [v for k, v in features.items() if k in pooler.featmap_names]

@@ -16,7 +16,6 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_p
 from torchvision.ops import nms
 
 from .postprocess import best_per_group, clip_boxes_per_image, grouped_nms, rank_within_group, scatter_rows
-
 from .sampling import batched_box_iou, box_valid, pad_boxes, sample_balanced, sampled_mask
 
 # IoU matrices bigger than this many elements are built a few images at a time (LVIS images can have

@@ -5,7 +5,7 @@ ONNX deployment's text side uses them), ``CLIPTeacher`` pulls in torch and open_
 """
 from __future__ import annotations
 
-from typing import Any
+from ..utils.lazy import lazy_getattr
 
 _EXPORTS = {
     "CLIPTeacher": "clip_teacher",
@@ -17,10 +17,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'vild.teacher' has no attribute {name!r}")
-    import importlib
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())

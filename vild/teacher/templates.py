@@ -77,7 +77,6 @@ VILD_TEMPLATES = [
 ]
 
 
-
 def _clip_templates() -> list[str]:
     """CLIP's 80 ImageNet templates, taken from open_clip so they stay the reference list."""
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES  # open_clip imports torch: only when asked
