@@ -42,7 +42,11 @@ def _trace_to_onnx(module: torch.nn.Module, args: tuple, input_names: list[str],
         # the tracer warns at every shape turned into a Python number; the graph's dynamic sizes are checked by
         # running the file on other batch sizes, image sizes and vocabularies (tests/test_deploy.py)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        # the exporter's own notices about itself (it is the TorchScript one, chosen for torchvision's NMS and
+        # RoIAlign) and about negative gather indices, which the graph's indices (from nonzero, NMS) never are
+        for message in (".*legacy TorchScript-based ONNX export", ".*torch.jit.script. is deprecated",
+                        ".*feature will be removed", ".*aten::index operator of advanced indexing"):
+            warnings.filterwarnings("ignore", message=message)
         torch.onnx.export(module, args, buf, input_names=input_names, output_names=output_names,
                           dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True, **kw)
     return buf.getvalue()
