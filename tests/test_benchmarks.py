@@ -143,3 +143,18 @@ def test_side_benchmarks_run_and_write_their_figures(tmp_path):
     assert large["mask_pixel_count_agreement"] > 0.9
     assert all(_finite(v) and v > 0 for v in det["images_per_s"].values())
     assert not _left_behind(env)  # their photos and outputs are removed
+
+
+def test_onnx_speed_benchmark_runs(tmp_path):
+    """benchmarks/onnx_speed.py on the demo model at a toy size (the R50 figure costs a minute: not here)."""
+    pytest.importorskip("onnxruntime", reason="install the [onnx] extra")
+    out = tmp_path / "onnx.json"
+    env = _scratch_env(tmp_path)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "onnx_speed.py"), "--only", "demo",
+                           "--demo-images", "2", "--demo-repeats", "1", "--warmup", "0", "--threads", "1",
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    demo = json.loads(out.read_text())["figures"]["demo"]
+    assert all(_finite(v) for v in demo["images_per_s"].values()) and demo["same_labels_on_4_images"]
+    # importing onnxruntime (1.32) writes a 51-byte session-id file, .ses, into TMPDIR: one, rewritten each time
+    assert not [n for n in _left_behind(env) if n != ".ses"]

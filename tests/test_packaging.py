@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = {"vild-detect", "vild-train", "vild-precompute", "vild-demo"}
+SCRIPTS = {"vild-detect", "vild-train", "vild-precompute", "vild-demo", "vild-export", "vild-embed"}
 
 
 @pytest.fixture(scope="module")

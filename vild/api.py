@@ -128,7 +128,8 @@ class Detector:
         self.centering = DISPLAY_CENTERING if centering is None else float(centering)
         # the threshold for showing detections to people: the checkpoint's calibrated one, else the variant's
         self.display_score_thresh = default_score_thresh(cfg.MODEL.VILD.VARIANT)
-        self._training_embeddings: Optional[torch.Tensor] = None
+        # a subclass may have set them already (an exported model carries them)
+        self._training_embeddings: Optional[torch.Tensor] = getattr(self, "_training_embeddings", None)
         self._train_keys = {_key(s) for syns in self.training_vocabulary for s in syns}
         self._emb_cache: dict[str, torch.Tensor] = {}
         self._vocab: list[list[str]] = []

@@ -1,4 +1,5 @@
-"""Console entry points of an installed vild: ``vild-detect``, ``vild-train``, ``vild-precompute``, ``vild-demo``.
+"""Console entry points of an installed vild: ``vild-detect``, ``vild-train``, ``vild-precompute``, ``vild-demo``,
+``vild-export``, ``vild-embed``.
 
 Each returns the process exit status; ``tools/*.py`` in a checkout call the same functions.
 """
@@ -13,6 +14,20 @@ def detect(argv: list[str] | None = None) -> int:
     from .detect_cli import main
 
     return main(argv)
+
+
+def export(argv: list[str] | None = None) -> int:
+    """``vild-export --weights model.pth --out model.onnx``: see ``vild.deploy``."""
+    from .deploy.cli import export_main
+
+    return export_main(argv)
+
+
+def embed(argv: list[str] | None = None) -> int:
+    """``vild-embed --weights model.pth --vocab "kite,unicycle" --out vocab.npz``: see ``vild.deploy``."""
+    from .deploy.cli import embed_main
+
+    return embed_main(argv)
 
 
 def train(argv: list[str] | None = None) -> int:

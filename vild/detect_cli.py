@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class-nms", action="store_true",
                    help="NMS per category, so that one box may carry several labels (default: one label per box)")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                   help="onnx: --weights is a vild-export model.onnx, run by onnxruntime (see docs/deploy.md)")
     p.add_argument("--batch-size", type=_positive, default=4, help="images per forward pass")
     p.add_argument("--json", action="store_true", help="also write detections.json (COCO results format)")
     p.add_argument("--coco-gt", help="with --json: take image and category ids from this COCO annotation file")
@@ -66,8 +68,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         vocab = _vocabulary(args)
         weights = Path(args.weights) if args.weights else _newest_or_fail()
         from .api import Detector  # heavy (torch, CLIP): after the cheap checks
-        det = Detector.from_checkpoint(weights, device=args.device, vocabulary=vocab, max_dets=args.max_dets,
-                                       batch_size=args.batch_size, per_class_nms=args.per_class_nms)
+        if args.backend == "onnx":
+            from .deploy.runner import OnnxDetector
+            det = OnnxDetector(weights, device=args.device, vocabulary=vocab, max_dets=args.max_dets,
+                               batch_size=args.batch_size)
+        else:
+            det = Detector.from_checkpoint(weights, device=args.device, vocabulary=vocab, max_dets=args.max_dets,
+                                           batch_size=args.batch_size, per_class_nms=args.per_class_nms)
         det.score_thresh = args.score_thresh if args.score_thresh is not None else det.display_score_thresh
         ids = _IdMapper(args.coco_gt, det.names) if args.json else None
     except (CLIError, OSError, ValueError, RuntimeError, KeyError) as e:

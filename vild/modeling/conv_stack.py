@@ -29,9 +29,10 @@ def conv_input(x: torch.Tensor) -> torch.Tensor:
 def run_conv_stack(stack: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """``stack(x)`` for a Sequential of conv blocks, then optionally Flatten → Linear → ...; fast kernels on the CPU.
 
-    A stack with forward hooks on it or its modules runs its own forward, so that the hooks still fire.
+    A stack with forward hooks on it or its modules runs its own forward, so that the hooks still fire; so does a
+    traced one (ONNX export): the graph keeps the modules' own ops and the runtime that runs it picks the kernels.
     """
-    if x.device.type != "cpu" or x.dim() != 4:
+    if x.device.type != "cpu" or x.dim() != 4 or torch.jit.is_tracing():
         return stack(x)
     if any(m._forward_hooks or m._forward_pre_hooks for m in stack.modules()):
         return stack(conv_input(x))

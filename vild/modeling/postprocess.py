@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torchvision.models.detection._utils import _topk_min
 from torchvision.ops import batched_nms, nms
+from torchvision.ops.boxes import _batched_nms_vanilla
 
 
 @dataclass(frozen=True)
@@ -144,3 +146,109 @@ def _paste(masks: torch.Tensor, boxes: torch.Tensor, out: torch.Tensor, height: 
         torch.bmm(rows[s:e], wx_t[s:e], out=dst)
         torch.ge(dst, threshold, out=out[s:e])
     return out
+
+
+def select_detections_batched(boxes: torch.Tensor, scores: torch.Tensor, score_thresh: torch.Tensor | float,
+                              nms_thresh: float, max_dets: torch.Tensor | int, topk_candidates: int,
+                              class_agnostic: bool = False
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``select_detections`` for a padded batch, with no data-dependent loop, so that it traces (ONNX export).
+
+    ``boxes`` [B, R, 4] (class-agnostic) and ``scores`` [B, R, K]; padding rows carry empty boxes. Returns
+    flat boxes, scores, labels, image index and box row (within the image), grouped by image and by
+    decreasing score within an image. ``score_thresh`` and ``max_dets`` may be 0-d tensors (graph inputs).
+
+    Per image it is ``select_detections``'s first round: the ``topk_candidates`` best (box, class) pairs
+    (0 = all) over the threshold enter per-class NMS (``grouped_nms``: all images in one call). It equals
+    ``select_detections`` whenever that returns after one round, i.e. unless fewer than ``max_dets`` pairs
+    survive NMS while pairs over the threshold were left out of the top-k; there ``select_detections``
+    widens the top-k and this keeps the survivors it has.
+    """
+    b, r, k = scores.shape
+    if class_agnostic:  # one label per box (``select_detections``'s class-agnostic rule): one NMS group per image
+        best, labels = scores.masked_fill(without_area(boxes)[..., None], float("-inf")).max(dim=2)
+        live = torch.where(best > score_thresh, best, torch.full_like(best, float("-inf")))
+        img, row = grouped_nms(boxes, live[:, None, :], nms_thresh)
+        img, row = best_per_group(img, row, best[img, row], b, max_dets)
+        return boxes[img, row], best[img, row], labels[img, row], img, row
+    flat = scores.masked_fill(without_area(boxes)[..., None], float("-inf")).reshape(b, r * k)
+    k_cand = _topk_min(flat, topk_candidates, 1) if topk_candidates > 0 else flat.shape[1]
+    cand_scores, idx = flat.topk(k_cand, dim=1)  # [B, C] per image
+    rows, labels = torch.div(idx, k, rounding_mode="floor"), idx % k
+    cand_boxes = boxes.gather(1, rows[..., None].expand(-1, -1, 4))
+    live = torch.where(cand_scores > score_thresh, cand_scores, torch.full_like(cand_scores, float("-inf")))
+    by_class = torch.full((b, k, cand_scores.shape[1]), float("-inf"), dtype=live.dtype, device=live.device)
+    by_class = by_class.scatter(1, labels[:, None, :], live[:, None, :])
+    img, cand = grouped_nms(cand_boxes, by_class, nms_thresh)
+    img, cand = best_per_group(img, cand, cand_scores[img, cand], b, max_dets)
+    return cand_boxes[img, cand], cand_scores[img, cand], labels[img, cand], img, rows[img, cand]
+
+
+def best_per_group(img: torch.Tensor, col: torch.Tensor, score: torch.Tensor, num_images: int | torch.Tensor,
+                   per_image: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best ``per_image`` (by ``score``) of each image's (image, column) pairs, grouped by image, best first."""
+    order = score.argsort(descending=True)
+    img, col = img[order], col[order]
+    keep = rank_within_group(img, num_images) < per_image
+    img, col = img[keep], col[keep]
+    n = img.shape[0]
+    # a stable grouping by image keeps the score order within each image
+    order = (img * n + torch.arange(n, device=img.device)).argsort()
+    return img[order], col[order]
+
+
+class _GroupedNMS(torch.autograd.Function):
+    """NMS per (image, group); exports to ONNX NonMaxSuppression over its batch and class axes."""
+
+    @staticmethod
+    def forward(ctx, boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+        b, g, n = scores.shape
+        img, grp, box = torch.isfinite(scores).nonzero(as_tuple=True)
+        keep = _batched_nms_vanilla(boxes[img, box], scores[img, grp, box], img * g + grp, iou_threshold)
+        return torch.stack([img[keep], grp[keep], box[keep]], dim=1)
+
+    @staticmethod
+    def symbolic(g, boxes, scores, iou_threshold: float):
+        max_out = g.op("Constant", value_t=torch.tensor([2 ** 62], dtype=torch.int64))
+        iou = g.op("Constant", value_t=torch.tensor([iou_threshold], dtype=torch.float32))
+        # -inf entries are left out: every kept score is over the lowest float
+        floor = g.op("Constant", value_t=torch.tensor([torch.finfo(torch.float32).min], dtype=torch.float32))
+        return g.op("NonMaxSuppression", boxes, scores, max_out, iou, floor)
+
+
+def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """NMS of boxes [B, N, 4] within each (image, group); ``scores`` [B, G, N] is -inf where a box is not in a group.
+
+    Returns the image and box index of each survivor (any order). Each group's NMS is torchvision's on that
+    group alone, also in the exported graph (ONNX's own batch and class axes): no coordinate offsets, whose
+    float rounding at large offsets can flip a pair whose IoU sits at the threshold.
+    """
+    kept = _GroupedNMS.apply(boxes.float(), scores.float(), float(iou_threshold))
+    return kept[:, 0], kept[:, 2]
+
+
+def without_area(boxes: torch.Tensor) -> torch.Tensor:
+    """Which xyxy boxes [..., 4] clipping left without area (``select_detections``'s rule): they carry no detection."""
+    return (boxes[..., 2] - boxes[..., 0] <= 1e-2) | (boxes[..., 3] - boxes[..., 1] <= 1e-2)
+
+
+def rank_within_group(group: torch.Tensor, num_groups: int | torch.Tensor) -> torch.Tensor:
+    """For rows sorted by some key, each row's position among the rows of its own group (0 = first)."""
+    onehot = (group[:, None] == torch.arange(num_groups, device=group.device)[None]).long()
+    return (onehot.cumsum(0) * onehot).sum(1) - 1
+
+
+def scatter_rows(values: torch.Tensor, group: torch.Tensor, rank: torch.Tensor, num_groups: int | torch.Tensor,
+                 width: int) -> torch.Tensor:
+    """Rows [N, ...] into a zero-padded [num_groups, width, ...] layout at (group, rank) (ranks below width)."""
+    out = values.new_zeros((num_groups * width,) + values.shape[1:])
+    out = out.index_put((group * width + rank,), values)
+    return out.view((num_groups, width) + values.shape[1:])
+
+
+def clip_boxes_per_image(boxes: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+    """Clip xyxy boxes [B, N, 4] to their image's (h, w) from ``image_sizes`` [B, 2] (a traceable per-image clip)."""
+    size = image_sizes.to(boxes.dtype)
+    x = torch.min(boxes[..., 0::2].clamp(min=0), size[:, None, 1:])
+    y = torch.min(boxes[..., 1::2].clamp(min=0), size[:, None, :1])
+    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)

@@ -8,14 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.roi_heads import maskrcnn_loss
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops import boxes as box_ops
+from torchvision.ops.poolers import _onnx_merge_levels, _setup_scales
 
 from .box_head import ViLDBoxHead
 from .classifier import TextClassifier, ensemble_scores
 from .conv_stack import run_conv_stack
 from .losses import box_regression_loss, classification_loss, distillation_loss
-from .postprocess import DetectionSettings, select_detections
+from .postprocess import DetectionSettings, clip_boxes_per_image, select_detections, select_detections_batched
 from .sampling import batched_box_iou, box_valid, pad_boxes, sample_balanced, sampled_rows
 
 VARIANTS = ("text", "vild", "ensemble")
@@ -241,6 +242,52 @@ class ViLDRoIHeads(nn.Module):
         if self.mask_on:
             self._predict_masks(features, image_sizes, results, rows)
         return results
+
+    def forward_test_padded(self, features: dict, proposals: torch.Tensor, image_sizes: torch.Tensor,
+                            score_thresh: torch.Tensor | float, max_dets: torch.Tensor | int,
+                            objectness: torch.Tensor | None = None, settings: DetectionSettings | None = None
+                            ) -> dict[str, torch.Tensor]:
+        """``forward_test`` for padded proposals [B, P, 4] (zero rows: none) with no per-image loop, so that it traces.
+
+        ``image_sizes`` int [B, 2]; ``score_thresh`` and ``max_dets`` may be 0-d tensors. Returns flat
+        ``boxes``, ``scores``, ``labels``, ``batch_index`` (grouped by image, best first) and, with a mask head,
+        ``mask_probs`` [n, M, M]; selection as ``select_detections_batched``. ``objectness`` [B, P] and
+        ``settings`` (scoring, NMS; its threshold and count are the arguments) as in ``forward_test``.
+        """
+        st = settings or self.test_settings
+        n_img, width = proposals.shape[:2]
+        flat = proposals.reshape(-1, 4)
+        image_index = torch.arange(n_img, device=flat.device)[:, None].expand(n_img, width).reshape(-1)
+        rois = torch.cat([image_index[:, None].to(flat.dtype), flat], dim=1)
+        scores, deltas = self.class_scores(pool_rois(self.box_pooler, features, rois, image_sizes),
+                                           None if objectness is None else objectness.reshape(-1), st)
+        boxes = self.box_coder.decode(deltas.float(), [flat]).view(n_img, width, 4)
+        boxes = clip_boxes_per_image(boxes, image_sizes)
+        db, ds, dl, di, _ = select_detections_batched(boxes, scores.view(n_img, width, -1), score_thresh,
+                                                      st.nms_thresh, max_dets, st.topk_candidates,
+                                                      st.class_agnostic)
+        out = {"boxes": db, "scores": ds, "labels": dl, "batch_index": di}
+        if self.mask_on:
+            rois = torch.cat([di[:, None].to(db.dtype), db], dim=1)
+            pooled = pool_rois(self.mask_pooler, features, rois, image_sizes)
+            out["mask_probs"] = self.mask_predictor(run_conv_stack(self.mask_head, pooled)).sigmoid()[:, 0]
+        return out
+
+
+def pool_rois(pooler: MultiScaleRoIAlign, features: dict, rois: torch.Tensor, image_sizes: torch.Tensor
+              ) -> torch.Tensor:
+    """``pooler(features, boxes_per_image, sizes)`` for rois [N, 5] (image index, x0, y0, x1, y1), a layout whose
+    number of images can stay dynamic in a traced graph; same levels, scales and RoIAlign as the pooler's."""
+    x = [v for k, v in features.items() if k in pooler.featmap_names]
+    if pooler.scales is None or pooler.map_levels is None:
+        shapes = [tuple(int(v) for v in s) for s in image_sizes]
+        pooler.scales, pooler.map_levels = _setup_scales(x, shapes, pooler.canonical_scale, pooler.canonical_level)
+    if len(x) == 1:
+        return roi_align(x[0], rois, pooler.output_size, pooler.scales[0], pooler.sampling_ratio)
+    levels = pooler.map_levels([rois[:, 1:]])
+    per_level = [roi_align(f, rois[torch.where(levels == lv)[0]], pooler.output_size, scale, pooler.sampling_ratio)
+                 for lv, (f, scale) in enumerate(zip(x, pooler.scales))]
+    return _onnx_merge_levels(levels, per_level)
 
 
 def _unzip(rows: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 from torchvision.ops import nms
 
+from .postprocess import best_per_group, clip_boxes_per_image, grouped_nms, rank_within_group, scatter_rows
 from .sampling import batched_box_iou, box_valid, pad_boxes, sample_balanced, sampled_mask
 
 # IoU matrices bigger than this many elements are built a few images at a time (LVIS images can have
@@ -123,6 +124,45 @@ class BatchedRPN(RegionProposalNetwork):
         proposals = self.box_coder.decode(pred_bbox_deltas.detach().float(), anchors).view(len(anchors), -1, 4)
         boxes, scores = self.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
         return boxes, scores, objectness, pred_bbox_deltas, anchors
+
+    def propose_padded(self, images: Tensor, image_sizes: Tensor, features: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``propose`` (inference) for a batch tensor, with no per-image loop or host copy, so that it traces.
+
+        ``images`` [B, 3, H, W] is the padded batch and ``image_sizes`` int [B, 2] the (h, w) of each image in it.
+        Returns proposals [B, P, 4] (P = post-NMS top-n) and their objectness probabilities [B, P]: per image
+        ``propose``'s boxes in its order (decreasing objectness, up to ties), then zero rows. All images'
+        per-level NMS runs in one call.
+        """
+        feats = list(features.values())
+        objectness, pred_bbox_deltas = self.head(feats)
+        # the images of a padded batch share one grid of anchors
+        anchors = self.anchor_generator(ImageList(images, [tuple(images.shape[-2:])]), feats)[0]
+        num_anchors_per_level = [s[0] * s[1] * s[2] for s in (o[0].shape for o in objectness)]
+        objectness, pred_bbox_deltas = concat_box_prediction_layers(objectness, pred_bbox_deltas)
+        n_img, n_anchors = images.shape[0], anchors.shape[0]
+        # [B*A, 4] deltas as [A, B*4]: the box coder decodes several boxes per anchor at once
+        deltas = pred_bbox_deltas.detach().float().view(n_img, n_anchors, 4).transpose(0, 1).reshape(n_anchors, -1)
+        proposals = self.box_coder.decode_single(deltas, anchors).view(n_anchors, n_img, 4).transpose(0, 1)
+        objectness = objectness.detach().reshape(n_img, -1)
+        # filter_proposals, all images at once
+        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)
+        scores = torch.sigmoid(objectness.gather(1, top_n_idx))
+        boxes = clip_boxes_per_image(proposals.gather(1, top_n_idx[..., None].expand(-1, -1, 4)), image_sizes)
+        wh = boxes[..., 2:] - boxes[..., :2]
+        ok = (wh >= self.min_size).all(dim=-1) & (scores >= self.score_thresh)
+        level, start = torch.zeros_like(top_n_idx), 0
+        for n in num_anchors_per_level[:-1]:
+            start = start + n
+            level += top_n_idx >= start
+        # one NMS group per (image, level); dropped boxes are in none
+        live = torch.where(ok, scores, torch.full_like(scores, float("-inf")))
+        by_level = torch.full((n_img, len(num_anchors_per_level), scores.shape[1]), float("-inf"), dtype=scores.dtype,
+                              device=scores.device).scatter(1, level[:, None, :], live[:, None, :])
+        img, col = grouped_nms(boxes, by_level, self.nms_thresh)
+        img, col = best_per_group(img, col, scores[img, col], n_img, self.post_nms_top_n())
+        rank = rank_within_group(img, n_img)
+        return (scatter_rows(boxes[img, col], img, rank, n_img, self.post_nms_top_n()),
+                scatter_rows(scores[img, col], img, rank, n_img, self.post_nms_top_n()))
 
     def forward(self, images: ImageList, features: dict[str, Tensor],
                 targets: list[dict[str, Tensor]] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:

@@ -60,6 +60,17 @@ class ViLD(nn.Module):
         return self.preprocessor.postprocess(results, batch.image_sizes, original_sizes, self.mask_threshold,
                                              paste=paste_masks)
 
+    def forward_padded(self, images: torch.Tensor, image_sizes: torch.Tensor, score_thresh: torch.Tensor | float,
+                       max_dets: torch.Tensor | int, settings: DetectionSettings | None = None
+                       ) -> dict[str, torch.Tensor]:
+        """Inference on a normalised, padded batch [B, 3, H, W] with each image's (h, w) in ``image_sizes`` [B, 2],
+        without per-image loops (it traces, for ONNX): flat detections in the batch's frame, grouped by image
+        (see ``ViLDRoIHeads.forward_test_padded``)."""
+        features = self.backbone(images)
+        proposals, objectness = self.rpn.propose_padded(images, image_sizes, features)
+        return self.roi_heads.forward_test_padded(features, proposals, image_sizes, score_thresh, max_dets,
+                                                  objectness, settings)
+
     @torch.no_grad()
     def propose(self, images: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Class-agnostic RPN proposals (boxes in the input images' frame, objectness probabilities)."""

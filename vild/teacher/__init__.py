@@ -1,6 +1,20 @@
-"""The CLIP teacher: prompt templates, vocabularies, cached text and region embeddings."""
-from .clip_teacher import CLIPTeacher
-from .templates import get_templates
-from .vocabulary import clean_name, load_vocabulary_file, parse_vocabulary
+"""The CLIP teacher: prompt templates, vocabularies, cached text and region embeddings.
 
-__all__ = ["CLIPTeacher", "get_templates", "parse_vocabulary", "load_vocabulary_file", "clean_name"]
+Exports resolve lazily: ``vild.teacher.vocabulary`` and ``vild.teacher.templates`` import without torch (the
+ONNX deployment's text side uses them), ``CLIPTeacher`` pulls in torch and open_clip.
+"""
+from __future__ import annotations
+
+from ..utils.lazy import lazy_getattr
+
+_EXPORTS = {
+    "CLIPTeacher": "clip_teacher",
+    "get_templates": "templates",
+    "parse_vocabulary": "vocabulary",
+    "load_vocabulary_file": "vocabulary",
+    "clean_name": "vocabulary",
+}
+__all__ = list(_EXPORTS)
+
+
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from ..utils.atomic import atomic_save
-from .templates import fill_template, get_templates
+from .templates import fill_template, get_templates, prompt_plan
 from .text_encoder import can_truncate, encode_prompts
 from .vocabulary import clean_name, parse_vocabulary
 
@@ -179,18 +179,16 @@ class CLIPTeacher(nn.Module):
         return emb
 
     def _encode_vocab(self, vocab: list[list[str]]) -> Tensor:
-        synonyms = [clean_name(s) for syns in vocab for s in syns]
-        prompts = [(i, fill_template(t, s)) for i, s in enumerate(synonyms) for t in self.templates]
+        prompts, prompt_synonym, synonym_category = prompt_plan(vocab, self.templates)
         # Sums of unit vectors point along their mean, so summing per synonym is enough.
-        per_syn = torch.zeros(len(synonyms), self.embed_dim)
+        per_syn = torch.zeros(len(synonym_category), self.embed_dim)
         for b in range(0, len(prompts), self.batch_size):
-            idx, texts = zip(*prompts[b:b + self.batch_size])
+            texts, idx = prompts[b:b + self.batch_size], prompt_synonym[b:b + self.batch_size]
             with self._autocast():
-                e = encode_prompts(self.model, self.tokenizer(list(texts)), self.device, self._truncate_prompts)
+                e = encode_prompts(self.model, self.tokenizer(texts), self.device, self._truncate_prompts)
             per_syn.index_add_(0, torch.tensor(idx), F.normalize(e.float(), dim=-1).cpu())
         per_syn = F.normalize(per_syn, dim=-1)
-        owner = torch.tensor([k for k, syns in enumerate(vocab) for _ in syns])
-        per_cat = torch.zeros(len(vocab), self.embed_dim).index_add_(0, owner, per_syn)
+        per_cat = torch.zeros(len(vocab), self.embed_dim).index_add_(0, torch.tensor(synonym_category), per_syn)
         return F.normalize(per_cat, dim=-1)
 
     def _warn_truncated(self, synonyms: list[str]) -> None:

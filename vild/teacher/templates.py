@@ -5,7 +5,9 @@ to suit the name (the ViLD release writes its templates that way). Use `fill_tem
 """
 from __future__ import annotations
 
-from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+from typing import Callable, Union
+
+from .vocabulary import clean_name
 
 # The ViLD release's prompt ensemble (63 templates).
 VILD_TEMPLATES = [
@@ -74,10 +76,17 @@ VILD_TEMPLATES = [
     "a painting of a {}.",
 ]
 
-TEMPLATE_SETS: dict[str, list[str]] = {
+
+def _clip_templates() -> list[str]:
+    """CLIP's 80 ImageNet templates, taken from open_clip so they stay the reference list."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES  # open_clip imports torch: only when asked
+
+    return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+
+
+TEMPLATE_SETS: dict[str, Union[list[str], Callable[[], list[str]]]] = {
     "vild": VILD_TEMPLATES,
-    # CLIP's 80 ImageNet templates, taken from open_clip so they stay the reference list.
-    "clip": [t("{}") for t in OPENAI_IMAGENET_TEMPLATES],
+    "clip": _clip_templates,
     "simple": ["a photo of a {}."],
     "none": ["{}"],
 }
@@ -88,10 +97,22 @@ def get_templates(name: str) -> list[str]:
     key = name.strip().lower()
     if key not in TEMPLATE_SETS:
         raise ValueError(f"unknown template set {name!r}; valid names: {', '.join(TEMPLATE_SETS)}")
-    return list(TEMPLATE_SETS[key])
+    templates = TEMPLATE_SETS[key]
+    return list(templates() if callable(templates) else templates)
 
 
 def fill_template(template: str, name: str) -> str:
     """Put ``name`` into ``template``, resolving ``{article}`` to "a" or "an"."""
     article = "an" if name[:1].lower() in "aeiou" and name else "a"
     return template.replace("{article}", article).replace("{}", name)
+
+
+def prompt_plan(vocab: list[list[str]], templates: list[str]) -> tuple[list[str], list[int], list[int]]:
+    """The prompts that embed a vocabulary (every template filled with every cleaned synonym), each prompt's
+    synonym index and each synonym's category index: the embedding of a category is the normalised sum of its
+    synonyms', and a synonym's the normalised sum of its prompts'."""
+    synonyms = [clean_name(s) for syns in vocab for s in syns]
+    prompts = [fill_template(t, s) for s in synonyms for t in templates]
+    prompt_synonym = [i for i in range(len(synonyms)) for _ in templates]
+    synonym_category = [k for k, syns in enumerate(vocab) for _ in syns]
+    return prompts, prompt_synonym, synonym_category

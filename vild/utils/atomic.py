@@ -8,8 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-import torch
-
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
@@ -40,6 +38,8 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: st
 
 def atomic_save(obj: object, path: str | os.PathLike) -> None:
     """``torch.save`` atomically."""
+    import torch  # here, not at import: the torch-free ONNX deployment writes its files through this module
+
     _atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 
