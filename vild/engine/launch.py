@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import CfgNode, load_config
+from ..config import CfgNode, load_config, parse_args_with_overrides
 from .distributed import cleanup, launched_by_torchrun, relaunch_with_torchrun
 
 
 def train_argument_parser() -> argparse.ArgumentParser:
-    """detectron2-style arguments: --config, --eval-only, --resume, --num-gpus, then KEY VALUE overrides."""
+    """detectron2-style arguments: --config, --eval-only, --resume, --num-gpus, and KEY VALUE overrides (in any order)."""
     p = argparse.ArgumentParser(
         description="Train or evaluate ViLD. Multi-node: torchrun --nnodes N --nproc_per_node G "
                     "--rdzv_backend c10d --rdzv_endpoint HOST:PORT -m vild.engine.launch --config ... "
@@ -19,7 +19,8 @@ def train_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS (or the last checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT_DIR")
     p.add_argument("--num-gpus", type=int, default=1, help="launch this many local processes with torchrun")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs, e.g. SOLVER.MAX_ITER 100")
+    p.add_argument("opts", nargs="*", metavar="KEY VALUE",
+                   help="config overrides: KEY VALUE pairs, e.g. SOLVER.MAX_ITER 100 (flags may come between them)")
     return p
 
 
@@ -30,7 +31,7 @@ def setup_config(args: argparse.Namespace) -> CfgNode:
 
 def main(argv: list[str] | None = None) -> dict:
     """Entry point shared by ``tools/train_net.py``."""
-    args = train_argument_parser().parse_args(argv)
+    args = parse_args_with_overrides(train_argument_parser(), argv)
     cfg = setup_config(args)  # fail on a bad config before spawning anything
     if args.eval_only and not cfg.MODEL.WEIGHTS:
         from .checkpoint import last_checkpoint
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
                              f"no checkpoint: pass MODEL.WEIGHTS path/to/model.pth")
     if args.num_gpus > 1 and not launched_by_torchrun():
         relaunch_with_torchrun(args.num_gpus, list(sys.argv[1:] if argv is None else argv))
+    from .checkpoint import UnreadableCheckpoint
     from .trainer import Trainer
     try:
         trainer = Trainer(cfg)
@@ -47,6 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
             trainer.resume_or_load(resume=args.resume or not cfg.MODEL.WEIGHTS)
             return trainer.test()
         return trainer.train(resume=args.resume)
+    except UnreadableCheckpoint as e:  # says which file and what to do: a traceback would only hide that
+        raise SystemExit(f"error: {e}") from None
     finally:
         cleanup()
 

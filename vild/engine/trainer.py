@@ -17,10 +17,13 @@ from ..modeling import ViLD, build_model
 from ..utils import comm
 from .checkpoint import (
     FORMAT_VERSION,
+    UnreadableCheckpoint,
     atomic_save,
     check_teacher,
-    last_checkpoint,
+    checkpoints_newest_first,
     load_checkpoint,
+    prune_checkpoints,
+    remove_stale_temp_files,
     rng_state,
     set_rng_state,
     teacher_mismatch,
@@ -110,10 +113,15 @@ def save_training_checkpoint(path: Path, cfg: CfgNode, model: torch.nn.Module, o
 
 
 class Trainer:
-    """Builds everything a run needs from a config and runs the loop (``train``) or evaluation (``test``)."""
+    """Builds everything a run needs from a config and runs the loop (``train``) or evaluation (``test``).
 
-    def __init__(self, cfg: CfgNode):
+    ``stage``: the pipeline stage this run is (``tools/train_net.py`` runs several); console lines start with
+    it and every ``metrics.jsonl`` line carries it.
+    """
+
+    def __init__(self, cfg: CfgNode, stage: str = ""):
         self.cfg = cfg
+        self.stage = stage
         self.device = resolve_device(cfg.MODEL.DEVICE)
         init_distributed(self.device)
         self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
@@ -121,7 +129,12 @@ class Trainer:
         if comm.is_main_process():
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(cfg.dump())
-        self.logger = setup_logger(self.output_dir, self.rank)
+        self.logger = setup_logger(self.output_dir, self.rank, stage=stage)
+        if comm.is_main_process():
+            stale = remove_stale_temp_files(self.output_dir)
+            if stale:
+                self.logger.info("removed %d temporary checkpoint file(s) of an interrupted write: %s", len(stale),
+                                 ", ".join(p.name for p in stale))
         seed_everything(cfg.SEED + self.rank)
         from ..teacher import CLIPTeacher  # heavy import kept out of module import time
         self.teacher = CLIPTeacher.from_config(cfg, self.device)
@@ -163,13 +176,38 @@ class Trainer:
         unwrap(self.model).set_vocabulary(emb, mask)
 
     # ---- training ---------------------------------------------------------------------------
+    def _newest_readable_checkpoint(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint of OUTPUT_DIR that loads, passing over (and naming) unreadable newer ones."""
+        found = checkpoints_newest_first(self.output_dir)
+        bad = []
+        for path in found:
+            try:
+                # on the CPU: the RNG states must stay CPU tensors; weights and optimizer state move to the device
+                ckpt = load_checkpoint(path, map_location="cpu")
+            except UnreadableCheckpoint as e:
+                self.logger.warning("%s", e)
+                bad.append(path)
+                continue
+            if bad:
+                self.logger.warning("resuming from %s instead of the unreadable %s (a write was cut off?)", path.name,
+                                    ", ".join(p.name for p in bad))
+            return path, ckpt
+        if bad:
+            raise UnreadableCheckpoint(
+                f"--resume: no checkpoint in {self.output_dir} can be read ({', '.join(p.name for p in bad)} "
+                f"truncated or corrupt); delete {'them' if len(bad) > 1 else 'it'} to start afresh, or point "
+                f"OUTPUT_DIR at another run")
+        return None
+
     def resume_or_load(self, resume: bool) -> int:
-        """Load MODEL.WEIGHTS, or with ``resume`` the newest checkpoint in OUTPUT_DIR; return the start iteration."""
-        path = last_checkpoint(self.output_dir) if resume else None
+        """Load MODEL.WEIGHTS, or with ``resume`` the newest checkpoint in OUTPUT_DIR; return the start iteration.
+
+        A newest checkpoint that cannot be read (a write cut off by a kill) is passed over for the one before.
+        """
+        found = self._newest_readable_checkpoint() if resume else None
         self._resume_state = None
-        if path is not None:
-            # on the CPU: the RNG states must stay CPU tensors; weights and optimizer state move to the device
-            ckpt = load_checkpoint(path, map_location="cpu")
+        if found is not None:
+            path, ckpt = found
             check_teacher(ckpt.get("teacher") or {}, self.teacher.identity, path, self._teacher_fix)
             unwrap(self.model).load_state_dict(ckpt["model"])
             self._resume_state = ckpt
@@ -232,8 +270,10 @@ class Trainer:
                 scaler.load_state_dict(self._resume_state["scaler"])
             self._restore_rng(self._resume_state["rng"], start_iter)
         loader = build_train_loader(cfg, dataset, start_iter=start_iter, pin_memory=self.device.type == "cuda")
-        writer = MetricsWriter(self.output_dir, enabled=comm.is_main_process())
         max_iter = cfg.SOLVER.MAX_ITER
+        # a resumed run logs its iterations after start_iter again, and evaluates again at the end
+        writer = MetricsWriter(self.output_dir, enabled=comm.is_main_process(), start_iter=start_iter,
+                               redo_evaluation_at=max_iter, stage=self.stage)
         log.info("training %s (%s) on %d categories for %d iterations, %d process(es) on %s",
                  cfg.MODEL.VILD.VARIANT, cfg.MODEL.BACKBONE.NAME, len(self.vocabulary), max_iter,
                  self.world_size, self.device)
@@ -293,7 +333,8 @@ class Trainer:
         writer.close()
         results = self.test() if cfg.DATASETS.TEST else {}
         if results:
-            writer = MetricsWriter(self.output_dir, enabled=comm.is_main_process(), tensorboard=False)
+            writer = MetricsWriter(self.output_dir, enabled=comm.is_main_process(), tensorboard=False,
+                                   stage=self.stage)
             writer.write(max_iter, _flatten(results))
         self._plot_curves()
         return results
@@ -305,6 +346,8 @@ class Trainer:
             save_training_checkpoint(self.output_dir / name, self.cfg, self.model, optimizer, iteration,
                                      self.teacher.identity, self.vocabulary, scaler, rngs)
             self.logger.info("saved %s", self.output_dir / name)
+            for old in prune_checkpoints(self.output_dir, self.cfg.SOLVER.KEEP_CHECKPOINTS):
+                self.logger.info("removed %s (SOLVER.KEEP_CHECKPOINTS %d)", old.name, self.cfg.SOLVER.KEEP_CHECKPOINTS)
             self._plot_curves()
         comm.synchronize()
 
