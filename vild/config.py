@@ -204,6 +204,9 @@ _DEFAULTS: dict = {
         "TEST": ["lvis_v1_val"],
         "PROPOSAL_STORE": "",  # folder of the CLIP proposal store; "" = no distillation data
         "CUSTOM": {},  # NAME: {JSON: path, IMAGES: folder, TYPE: coco|lvis, SPLIT: lvis|coco_ovd|all|none}
+        # category names (or synonyms) held out of training and scored as novel, in datasets whose SPLIT is all;
+        # [] = none (train on every category)
+        "NOVEL": [],
     },
     "INPUT": {
         "AUG": "lsj",  # lsj | resize | none
