@@ -6,6 +6,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from vild.config import parse_args_with_overrides
 from vild.data import build_dataset
@@ -100,3 +101,56 @@ def test_bad_json_stops_train_net_with_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: .*train.json: annotation id 21 .* category id 3"):
         train_main(["--config", "tiny_test.yaml", "--train-json", str(js), "--train-images", str(js.parent / "img"),
                     "OUTPUT_DIR", str(tmp_path / "out"), "MODEL.VILD.VARIANT", "text"])
+
+
+def test_mask_loss_comes_only_from_annotations_with_a_segmentation():
+    """A mixed dataset: the mask of a box-only annotation (flagged by mask_valid) never reaches the loss."""
+    from test_model import scene, tiny_model, vocab
+    model = tiny_model("text").train()
+    model.set_vocabulary(vocab(), None)
+
+    def loss_mask(masks, valid):
+        img, t = scene()
+        t = {**t, "masks": masks, **({"mask_valid": torch.tensor(valid)} if valid is not None else {})}
+        torch.manual_seed(0)  # the same sampled RoIs every time
+        return model([img], [t])["loss_mask"].item()
+
+    _, t = scene()
+    full = t["masks"].clone()
+    changed = full.clone()
+    changed[1] = 1 - changed[1]  # another mask for the second object
+    assert loss_mask(full, [True, False]) == loss_mask(changed, [True, False])  # the box-only mask is not read
+    assert loss_mask(full, None) != loss_mask(changed, None)  # (without the flags it would be)
+    assert loss_mask(full, [True, True]) != loss_mask(changed, [True, True])
+    assert loss_mask(full, [False, False]) == 0.0
+
+
+def test_box_only_fine_tune_from_a_mask_model_with_another_vocabulary(ckpt, tmp_path, one_thread, capsys):
+    """Box-only data trains no mask head; the model detects (API, detect.py) and is scored without masks."""
+    from vild.api import Detector
+    from vild.detect_cli import main as detect_main
+    from vild.engine.checkpoint import load_checkpoint
+    js, _ = write_coco(tmp_path)
+    out = tmp_path / "out"
+    old_vocab = load_checkpoint(ckpt)["vocabulary"]
+    res = train_main(["--config", "tiny_test.yaml", "--train-json", str(js), "--train-images", str(tmp_path / "img"),
+                      "--test-json", str(js), "--test-images", str(tmp_path / "img"), "--novel", "kettle",
+                      "MODEL.WEIGHTS", str(ckpt), "TEACHER.PRETRAINED", str(ckpt.parent / "teacher.pt"),
+                      "MODEL.VILD.VARIANT", "text", "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out)])
+    assert set(res["custom_test"]) == {"bbox"} and "AP50_novel" in res["custom_test"]["bbox"]  # no mask AP
+    log = (out / "log.txt").read_text()
+    assert "no annotation of custom_train has a segmentation" in log and "mask weights are left out" in log
+    trained = load_checkpoint(out / "model_final.pth")
+    assert trained["cfg"]["MODEL"]["MASK_ON"] is False and not any(k.startswith("roi_heads.mask") for k in
+                                                                    trained["model"])
+    assert trained["vocabulary"] == [["cup"], ["spoon"]] and len(old_vocab) != 2  # another vocabulary, no surgery
+    det = Detector.from_checkpoint(out / "model_final.pth", device="cpu", vocabulary="cup,kettle,teapot",
+                                   score_thresh=0.0)
+    result = det(str(tmp_path / "img" / "1.png"))
+    assert not det.has_masks and result.masks is None and len(result) > 0
+    assert all("segmentation" not in r for r in result.to_coco_json())
+    capsys.readouterr()
+    assert detect_main(["--weights", str(out / "model_final.pth"), "--vocab", "cup,kettle", "--input",
+                        str(tmp_path / "img"), "--output", str(tmp_path / "det"), "--json"]) == 0
+    assert "boxes only (a model trained without masks)" in capsys.readouterr().err
+    assert len(list((tmp_path / "det").glob("*.png"))) == 3

@@ -163,6 +163,32 @@ class Trainer:
                              len(ds.image_ids), missing)
         return ds
 
+    def _drop_mask_head(self, dataset: DetectionDataset) -> None:
+        """Box-only training data: train and save a model without a mask head (MODEL.MASK_ON False)."""
+        self.logger.info("no annotation of %s has a segmentation: training boxes only, without a mask head "
+                         "(MODEL.MASK_ON False); the model will detect without masks", dataset.name)
+        self.cfg.MODEL.MASK_ON = False
+        dataset.load_masks = False
+        seed_everything(self.cfg.SEED + self.rank)  # the same initial weights as a run configured without masks
+        self.model = build_model(self.cfg).to(self.device)
+        if comm.is_main_process():
+            (self.output_dir / "config.yaml").write_text(self.cfg.dump())
+
+    def _load_weights(self, state: dict, source: str | Path) -> None:
+        """Load a state dict; a mask head present on only one side (masks vs. box-only training) is logged, not fatal."""
+        model = unwrap(self.model)
+        own = model.state_dict()
+        extra, missing = [k for k in state if k not in own], [k for k in own if k not in state]
+        if not (extra or missing) or not all(k.startswith("roi_heads.mask_") for k in extra + missing):
+            model.load_state_dict(state)  # a real mismatch: torch's error lists the keys
+            return
+        if extra:
+            self.logger.info("%s has a mask head, this model none (MODEL.MASK_ON False): its mask weights are left out",
+                             source)
+        if missing:
+            self.logger.info("%s has no mask head: this model's mask head starts untrained", source)
+        model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
     def _check_store_teacher(self, store) -> None:
         why = teacher_mismatch(store.teacher or {}, self.teacher.identity)
         if why:
@@ -219,7 +245,7 @@ class Trainer:
             ckpt = load_checkpoint(self.cfg.MODEL.WEIGHTS, map_location="cpu")
             check_teacher(ckpt.get("teacher") or {}, self.teacher.identity, self.cfg.MODEL.WEIGHTS,
                           self._teacher_fix)
-            unwrap(self.model).load_state_dict(ckpt["model"])
+            self._load_weights(ckpt["model"], self.cfg.MODEL.WEIGHTS)
             self.logger.info("loaded weights from %s", self.cfg.MODEL.WEIGHTS)
         return 0
 
@@ -257,6 +283,8 @@ class Trainer:
         from ..data import batch_to_device, build_train_loader
         cfg, log = self.cfg, self.logger
         dataset = self.train_dataset()
+        if cfg.MODEL.MASK_ON and not dataset.has_masks:
+            self._drop_mask_head(dataset)
         self.vocabulary = dataset.category_names
         self.set_vocabulary(self.vocabulary, [True] * len(self.vocabulary))
         start_iter = self.resume_or_load(resume)
