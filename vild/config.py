@@ -243,6 +243,14 @@ _DEFAULTS: dict = {
         "EVAL_PERIOD": 0,  # 0 = only at the end
         "PER_CATEGORY_TABLE": False,
     },
+    # tools/train_net.py trains ViLD and ViLD-ensemble in stages (vild/engine/pipeline.py): a proposal model, the
+    # CLIP proposal store from its proposals (DATASETS.PROPOSAL_STORE, else OUTPUT_DIR/clip_proposals), distillation,
+    # evaluation; a stage already done is reused, an interrupted one continues
+    "PIPELINE": {
+        # where the store's proposals come from: a checkpoint (its RPN proposes) or a COCO-results json of boxes
+        # (image_id, bbox, score); "" = train ViLD-text on the base categories first, in OUTPUT_DIR/proposal_model
+        "PROPOSAL_MODEL": "",
+    },
     "OUTPUT_DIR": "output/vild",
     "SEED": 42,
 }

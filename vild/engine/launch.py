@@ -12,7 +12,9 @@ from .distributed import cleanup, launched_by_torchrun, relaunch_with_torchrun
 def train_argument_parser() -> argparse.ArgumentParser:
     """detectron2-style arguments: --config, --eval-only, --resume, --num-gpus, and KEY VALUE overrides (in any order)."""
     p = argparse.ArgumentParser(
-        description="Train or evaluate ViLD. Multi-node: torchrun --nnodes N --nproc_per_node G "
+        description="Train or evaluate ViLD. ViLD and ViLD-ensemble train in stages, each reused when done and "
+                    "continued when interrupted (re-run the same command): a ViLD-text proposal model (or "
+                    "PIPELINE.PROPOSAL_MODEL), the CLIP proposal store, distillation, evaluation. Multi-node: torchrun --nnodes N --nproc_per_node G "
                     "--rdzv_backend c10d --rdzv_endpoint HOST:PORT -m vild.engine.launch --config ... "
                     "(or tools/train_net.py in a checkout)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,15 +71,18 @@ def main(argv: list[str] | None = None) -> dict:
         relaunch_with_torchrun(args.num_gpus, list(sys.argv[1:] if argv is None else argv))
     from ..data.validate import DatasetError
     from .checkpoint import UnreadableCheckpoint
+    from .pipeline import Pipeline, StageMismatch, uses_pipeline
     from .trainer import Trainer
     try:
+        if uses_pipeline(cfg) and not args.eval_only:
+            return Pipeline(cfg, resume=args.resume).run()
         trainer = Trainer(cfg)
         if args.eval_only:
             # MODEL.WEIGHTS, or else the newest checkpoint in OUTPUT_DIR
-            trainer.resume_or_load(resume=args.resume or not cfg.MODEL.WEIGHTS)
+            trainer.resume_or_load(resume=args.resume or not cfg.MODEL.WEIGHTS, evaluate_only=True)
             return trainer.test()
         return trainer.train(resume=args.resume)
-    except (UnreadableCheckpoint, DatasetError) as e:  # the message names the file and the fix; a traceback hides it
+    except (UnreadableCheckpoint, DatasetError, StageMismatch) as e:  # the message names the file and the fix; a traceback hides it
         raise SystemExit(f"error: {e}") from None
     finally:
         cleanup()

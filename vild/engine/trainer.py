@@ -119,7 +119,8 @@ class Trainer:
     it and every ``metrics.jsonl`` line carries it.
     """
 
-    def __init__(self, cfg: CfgNode, stage: str = ""):
+    def __init__(self, cfg: CfgNode, stage: str = "", teacher=None):
+        """``teacher``: a loaded ``CLIPTeacher`` of TEACHER.* to share (default: load one)."""
         self.cfg = cfg
         self.stage = stage
         self.device = resolve_device(cfg.MODEL.DEVICE)
@@ -136,8 +137,10 @@ class Trainer:
                 self.logger.info("removed %d temporary checkpoint file(s) of an interrupted write: %s", len(stale),
                                  ", ".join(p.name for p in stale))
         seed_everything(cfg.SEED + self.rank)
-        from ..teacher import CLIPTeacher  # heavy import kept out of module import time
-        self.teacher = CLIPTeacher.from_config(cfg, self.device)
+        if teacher is None:
+            from ..teacher import CLIPTeacher  # heavy import kept out of module import time
+            teacher = CLIPTeacher.from_config(cfg, self.device)
+        self.teacher = teacher
         self.model = build_model(cfg).to(self.device)
 
     # ---- data ---------------------------------------------------------------------------------
@@ -165,14 +168,21 @@ class Trainer:
 
     def _drop_mask_head(self, dataset: DetectionDataset) -> None:
         """Box-only training data: train and save a model without a mask head (MODEL.MASK_ON False)."""
-        self.logger.info("no annotation of %s has a segmentation: training boxes only, without a mask head "
-                         "(MODEL.MASK_ON False); the model will detect without masks", dataset.name)
-        self.cfg.MODEL.MASK_ON = False
+        self._build_without_masks(f"no annotation of {dataset.name} has a segmentation: training boxes only")
         dataset.load_masks = False
+
+    def _build_without_masks(self, why: str) -> None:
+        self.logger.info("%s, without a mask head (MODEL.MASK_ON False); the model detects without masks", why)
+        self.cfg.MODEL.MASK_ON = False
         seed_everything(self.cfg.SEED + self.rank)  # the same initial weights as a run configured without masks
         self.model = build_model(self.cfg).to(self.device)
         if comm.is_main_process():
             (self.output_dir / "config.yaml").write_text(self.cfg.dump())
+
+    def _match_mask_head(self, ckpt: dict, source: str | Path) -> None:
+        """Drop this model's mask head when the checkpoint's config says it was trained without one."""
+        if self.cfg.MODEL.MASK_ON and ((ckpt.get("cfg") or {}).get("MODEL") or {}).get("MASK_ON") is False:
+            self._build_without_masks(f"{source} was trained on boxes only")
 
     def _load_weights(self, state: dict, source: str | Path) -> None:
         """Load a state dict; a mask head present on only one side (masks vs. box-only training) is logged, not fatal."""
@@ -225,16 +235,18 @@ class Trainer:
                 f"OUTPUT_DIR at another run")
         return None
 
-    def resume_or_load(self, resume: bool) -> int:
+    def resume_or_load(self, resume: bool, evaluate_only: bool = False) -> int:
         """Load MODEL.WEIGHTS, or with ``resume`` the newest checkpoint in OUTPUT_DIR; return the start iteration.
 
         A newest checkpoint that cannot be read (a write cut off by a kill) is passed over for the one before.
+        A checkpoint trained without masks is resumed (or, ``evaluate_only``, evaluated) without a mask head.
         """
         found = self._newest_readable_checkpoint() if resume else None
         self._resume_state = None
         if found is not None:
             path, ckpt = found
             check_teacher(ckpt.get("teacher") or {}, self.teacher.identity, path, self._teacher_fix)
+            self._match_mask_head(ckpt, path)
             unwrap(self.model).load_state_dict(ckpt["model"])
             self._resume_state = ckpt
             self.logger.info("resuming from %s at iteration %d", path, ckpt["iteration"])
@@ -245,6 +257,8 @@ class Trainer:
             ckpt = load_checkpoint(self.cfg.MODEL.WEIGHTS, map_location="cpu")
             check_teacher(ckpt.get("teacher") or {}, self.teacher.identity, self.cfg.MODEL.WEIGHTS,
                           self._teacher_fix)
+            if evaluate_only:
+                self._match_mask_head(ckpt, self.cfg.MODEL.WEIGHTS)
             self._load_weights(ckpt["model"], self.cfg.MODEL.WEIGHTS)
             self.logger.info("loaded weights from %s", self.cfg.MODEL.WEIGHTS)
         return 0
@@ -278,8 +292,8 @@ class Trainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         self.model = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
 
-    def train(self, resume: bool = False) -> dict:
-        """Run SOLVER.MAX_ITER iterations (continuing a checkpoint with ``resume``), then evaluate."""
+    def train(self, resume: bool = False, evaluate: bool = True) -> dict:
+        """Run SOLVER.MAX_ITER iterations (continuing a checkpoint with ``resume``), then evaluate (``evaluate``)."""
         from ..data import batch_to_device, build_train_loader
         cfg, log = self.cfg, self.logger
         dataset = self.train_dataset()
@@ -359,7 +373,7 @@ class Trainer:
             if save_now or eval_now:
                 eta.restart(it + 1)
         writer.close()
-        results = self.test() if cfg.DATASETS.TEST else {}
+        results = self.test() if cfg.DATASETS.TEST and evaluate else {}
         if results:
             writer = MetricsWriter(self.output_dir, enabled=comm.is_main_process(), tensorboard=False,
                                    stage=self.stage)
