@@ -90,6 +90,12 @@ def test_running_the_command_again_redoes_no_stage(world, box_only, from_nothing
     assert "proposal_model: reusing" in (out / "log.txt").read_text()
     changed = [p.name for p, t in files.items() if p.stat().st_mtime_ns != t and p.name != "pipeline.json"]
     assert not changed, changed
+    # killed during the evaluation: only the evaluation runs again, on the box-only weights, with the same numbers
+    records = json.loads((out / "pipeline.json").read_text())
+    del records["stages"]["evaluate"]
+    (out / "pipeline.json").write_text(json.dumps(records))
+    assert json.dumps(train_main(command(world, box_only, out)), sort_keys=True) == json.dumps(results, sort_keys=True)
+    assert "stage 4/4 evaluate: " + str(out / "model_final.pth") in (out / "log.txt").read_text().split("stage 1/4")[-1]
     # a setting of the distillation only: the proposal model and the store are still those of this run
     with pytest.raises(SystemExit, match=r"stage distill .* other inputs .*MODEL.VILD.DISTILL_WEIGHT: 0.5 -> 1.0.*"
                                          r"delete the checkpoints"):

@@ -49,6 +49,8 @@ def setup_config(args: argparse.Namespace) -> CfgNode:
                                           "TYPE": "coco", "SPLIT": "all"}}, allow_new=True)
         if split == "train":
             cfg.DATASETS.TRAIN = [name]
+            if "DATASETS.PROPOSAL_STORE" not in args.opts[0::2]:  # a config's store holds another dataset's images
+                cfg.DATASETS.PROPOSAL_STORE = ""
             cfg.DATASETS.TEST = [] if not args.test_json else cfg.DATASETS.TEST
         else:
             cfg.DATASETS.TEST = [name]
