@@ -77,6 +77,7 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=0.001)
     p.add_argument("--images", type=int, default=300, help="fine-tuning images")
     p.add_argument("--val", type=int, default=150, help="validation images")
+    p.add_argument("--seed", type=int, default=0, help="SEED of the fine-tunings (data order, sampling)")
     p.add_argument("--workers", type=int, default=2, help="runs side by side, one thread each")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "finetune_open_vocab.json"))
     a = p.parse_args(argv)
@@ -92,7 +93,8 @@ def main(argv=None) -> None:
                   "TEACHER.CACHE_DIR", str(tmp / "cache"), "TEST.PER_CATEGORY_TABLE", "True"]
         tune = ["--train-json", str(train_json), "--train-images", world["images_train"],
                 "MODEL.WEIGHTS", str(ASSET / "model.pth"), "SOLVER.MAX_ITER", str(a.iters), "SOLVER.BASE_LR",
-                str(a.lr), "SOLVER.WARMUP_ITERS", str(max(a.iters // 15, 1)), "SOLVER.CHECKPOINT_PERIOD", "0"]
+                str(a.lr), "SOLVER.WARMUP_ITERS", str(max(a.iters // 15, 1)), "SOLVER.CHECKPOINT_PERIOD", "0",
+                "SEED", str(a.seed)]
         jobs = {
             "fine-tuned with distillation": [*common, *tune, "MODEL.VILD.VARIANT", "vild",
                                              "PIPELINE.PROPOSAL_MODEL", str(ASSET / "model.pth"),
