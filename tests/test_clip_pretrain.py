@@ -88,3 +88,25 @@ def test_zero_shot_accuracy_on_world_boxes(tmp_path, trained):
     real = region_zero_shot_accuracy(str(d / "a.pt"), world, cache_dir=str(tmp_path / "cache"))
     assert real["n"] == perfect["n"] and 0.0 <= real["all"] <= 1.0
     assert set(NOVEL_NAMES) < set(CATEGORY_NAMES)
+
+
+def test_train_clip_scores_an_existing_teacher_on_any_novel_group(world, tmp_path, monkeypatch):
+    """tools/train_clip.py --teacher: no pretraining; novel group from the JSON's frequency, or by name."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from train_clip import main
+    monkeypatch.setenv("VILD_CACHE", str(tmp_path / "cache"))
+    teacher = str(Path(__file__).parent / "assets" / "demo_model" / "vild-tiny-clip.pt")
+    out = tmp_path / "never_written.pt"
+    default = main(["--teacher", teacher, "--world", world["world_info"], "--out", str(out)])
+    assert sorted(default["novel_names"]) == sorted(NOVEL_NAMES) and not out.exists()
+    chosen = main(["--teacher", teacher, "--world", world["lvis_val"], "--novel", "circle,square"])
+    assert chosen["novel_names"] == ["circle", "square"]
+    assert chosen["region_acc_all"] == default["region_acc_all"]  # the same boxes, grouped otherwise
+    assert chosen["region_acc_novel"] != default["region_acc_novel"]
+    n_novel = sum(a["category_id"] in (1, 2) for a in json.loads(Path(world["lvis_val"]).read_text())["annotations"])
+    n = chosen["region_acc_n"]
+    mixed = (chosen["region_acc_novel"] * n_novel + chosen["region_acc_base"] * (n - n_novel)) / n
+    assert mixed == pytest.approx(chosen["region_acc_all"])
+    with pytest.raises(ValueError, match="not categories"):
+        main(["--teacher", teacher, "--world", world["lvis_val"], "--novel", "unicorn"])

@@ -67,3 +67,22 @@ def test_every_shipped_config_loads_and_builds_its_model(path):
     assert model.roi_heads.variant == cfg.MODEL.VILD.VARIANT
     assert (model.roi_heads.image_head is not None) == (cfg.MODEL.VILD.VARIANT == "ensemble")
     assert model.embed_dim > 0 and sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("variant,name", [("ViLD-text", "vild_text"), ("ViLD", "vild"), ("ViLD-ensemble", "vild_ensemble"),
+                                          ("oracle (all categories)", "oracle")])
+def test_demo_detectors_ship_as_configs(variant, name):
+    """configs/synthetic/NAME.yaml is the config the demo builds in code, apart from where outputs go."""
+    from pathlib import Path
+
+    from vild.synthetic.demo import VARIANTS, DemoSettings, demo_config
+    out = Path("output/demo")
+    world = {f"{k}_{s}": str(out / "world" / (f"lvis_{s}.json" if k == "lvis" else f"images/{s}"))
+             for k in ("lvis", "images") for s in ("train", "val")}
+    kind, split, distills = VARIANTS[variant]
+    demo = demo_config(out, DemoSettings(), world, out / "teacher" / "vild-tiny-clip.pt", kind, split,
+                       out / "clip_proposals" if distills else None).to_dict()
+    shipped = load_config(f"synthetic/{name}.yaml").to_dict()
+    for d in (demo, shipped):  # where outputs and caches go
+        d.pop("OUTPUT_DIR"), d["TEACHER"].pop("CACHE_DIR"), d["DATASETS"].pop("PROPOSAL_STORE"), d.pop("PIPELINE", None)
+    assert shipped == demo

@@ -1,6 +1,7 @@
 """End to end through tools/train_net.py: train, checkpoint, resume, evaluate, 2-process torchrun, store precompute."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,11 @@ def world_opts(world, out_dir, variant="text", max_iter=4, **extra):
     for k, v in opts.items():
         flat += [k, repr(v) if not isinstance(v, str) else v]
     return flat
+
+
+def resumed_at(out: Path) -> list[int]:
+    """The iteration each resumed run of OUTPUT_DIR said it continued from (its log.txt), in order."""
+    return [int(m) for m in re.findall(r"resuming from \S+ at iteration (\d+)", (out / "log.txt").read_text())]
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +113,8 @@ def test_precompute_store_then_distill_and_resume_matches_uninterrupted(world, t
     part.mkdir()
     shutil.copy(full / "model_0000002.pth", part / "model_0000002.pth")  # as if killed after iteration 2
     run(part, resume=True)
+    assert resumed_at(part) == [2]  # continued from the checkpoint: a silent restart from 0 would also match weights
+    assert [m["iteration"] for m in map(json.loads, (part / "metrics.jsonl").read_text().splitlines())] == [3, 4]
     a = load_checkpoint(full / "model_final.pth")["model"]
     b = load_checkpoint(part / "model_final.pth")["model"]
     assert a.keys() == b.keys()

@@ -1,5 +1,9 @@
 #!/usr/bin/env python
-"""Train or evaluate ViLD: ``python tools/train_net.py --config vild_r50.yaml [--eval-only] [KEY VALUE ...]``."""
+"""Train or evaluate ViLD: ``python tools/train_net.py --config vild_r50.yaml [--eval-only] [KEY VALUE ...]``.
+
+ViLD and ViLD-ensemble train from nothing in one command (proposal model, CLIP proposal store, distillation,
+evaluation); own data: ``--train-json FILE --train-images DIR [--test-json ...] [--novel "a,b"]`` (docs/own_data.md).
+"""
 import sys
 from pathlib import Path
 

@@ -179,6 +179,11 @@ class Detector:
         return self.cfg.MODEL.VILD.VARIANT
 
     @property
+    def has_masks(self) -> bool:
+        """Whether detections come with masks (False for a model trained on boxes only: ``masks`` is None)."""
+        return bool(self.model.roi_heads.mask_on)
+
+    @property
     def vocabulary(self) -> list[list[str]]:
         """The current categories, each a list of synonyms (the first is the display name)."""
         return [list(s) for s in self._vocab]

@@ -31,7 +31,7 @@ def embed(argv: list[str] | None = None) -> int:
 
 
 def train(argv: list[str] | None = None) -> int:
-    """``vild-train --config vild_r50.yaml [--eval-only] [--num-gpus N] [KEY VALUE ...]``."""
+    """``vild-train --config vild_r50.yaml [--eval-only] [--num-gpus N] [--train-json F ...] [KEY VALUE ...]``."""
     from .engine.launch import main
 
     main(argv)

@@ -1,6 +1,7 @@
 """Configuration: defaults, YAML files with ``_BASE_`` inheritance, ``KEY VALUE`` overrides."""
 from __future__ import annotations
 
+import argparse
 import ast
 import copy
 import os
@@ -208,6 +209,9 @@ _DEFAULTS: dict = {
         "TEST": ["lvis_v1_val"],
         "PROPOSAL_STORE": "",  # folder of the CLIP proposal store; "" = no distillation data
         "CUSTOM": {},  # NAME: {JSON: path, IMAGES: folder, TYPE: coco|lvis, SPLIT: lvis|coco_ovd|all|none}
+        # category names (or synonyms) held out of training and scored as novel, in datasets whose SPLIT is all;
+        # [] = none (train on every category)
+        "NOVEL": [],
     },
     "INPUT": {
         "AUG": "lsj",  # lsj | resize | none
@@ -234,12 +238,23 @@ _DEFAULTS: dict = {
         "GAMMA": 0.1,
         "CLIP_GRADIENTS": 0.0,  # max grad norm; 0 = off
         "AMP": "",  # "" | bf16 | fp16
+        # every CHECKPOINT_PERIOD iterations OUTPUT_DIR gets model_NNNNNNN.pth (what --resume continues from), and
+        # the last iteration writes model_final.pth; 0 = the final checkpoint only
         "CHECKPOINT_PERIOD": 5000,
-        "LOG_PERIOD": 20,
+        "KEEP_CHECKPOINTS": 0,  # how many model_NNNNNNN.pth to keep, the newest; 0 = all (model_final.pth always stays)
+        "LOG_PERIOD": 20,  # iterations between console lines and metrics.jsonl lines
     },
     "TEST": {
         "EVAL_PERIOD": 0,  # 0 = only at the end
         "PER_CATEGORY_TABLE": False,
+    },
+    # tools/train_net.py trains ViLD and ViLD-ensemble in stages (vild/engine/pipeline.py): a proposal model, the
+    # CLIP proposal store from its proposals (DATASETS.PROPOSAL_STORE, else OUTPUT_DIR/clip_proposals), distillation,
+    # evaluation; a stage already done is reused, an interrupted one continues
+    "PIPELINE": {
+        # where the store's proposals come from: a checkpoint (its RPN proposes) or a COCO-results json of boxes
+        # (image_id, bbox, score); "" = train ViLD-text on the base categories first, in OUTPUT_DIR/proposal_model
+        "PROPOSAL_MODEL": "",
     },
     "OUTPUT_DIR": "output/vild",
     "SEED": 42,
@@ -298,6 +313,35 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
         cfg.merge(_load_yaml_with_base(resolve_config_path(path)))
     cfg.merge_from_list(overrides)
     return cfg
+
+
+def parse_args_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line whose flags may come before, between or after its ``KEY VALUE`` overrides.
+
+    A token where a KEY is due that starts with ``-`` is a flag (with its value, if it takes one); a VALUE is
+    never read as a flag, so ``SOLVER.X -1`` stays an override. The overrides land in ``args.opts``.
+    """
+    import sys
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options = {o: a for a in parser._actions for o in a.option_strings}
+    flags: list[str] = []
+    opts: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if len(opts) % 2 == 0 and tok.startswith("-") and tok != "-":
+            name = tok.split("=", 1)[0]
+            match = [a for o, a in options.items() if o == name] or \
+                [a for o, a in options.items() if o.startswith(name) and name.startswith("--")]
+            takes_value = len(match) == 1 and match[0].nargs != 0 and "=" not in tok
+            flags += argv[i:i + 1 + takes_value]
+            i += 1 + takes_value
+            continue
+        opts.append(tok)
+        i += 1
+    args = parser.parse_args(flags)
+    args.opts = opts
+    return args
 
 
 def cfg_from_dict(d: dict) -> CfgNode:

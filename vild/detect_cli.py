@@ -81,7 +81,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"model {weights} ({det.variant}) on {det.device}; {len(det.names)} categories "
-          f"({sum(det.base_mask)} base); score threshold {det.score_thresh:g}", file=sys.stderr)
+          f"({sum(det.base_mask)} base); score threshold {det.score_thresh:g}"
+          f"{'' if det.has_masks else '; boxes only (a model trained without masks)'}", file=sys.stderr)
     from .utils.atomic import atomic_open  # imports torch: after the cheap checks, like the Detector
     # results stream into a hidden file that replaces detections.json when all inputs are done: memory stays
     # flat over a folder of 100k photos, and an interrupted run leaves the previous file as it was

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_api import make_checkpoint, scene
-from test_train_net import teacher_file, world_opts  # noqa: F401 (teacher_file is a fixture)
+from test_train_net import resumed_at, teacher_file, world_opts  # noqa: F401 (teacher_file is a fixture)
 from torchvision.ops import box_iou
 
 from vild import Detector
@@ -45,6 +45,7 @@ def test_training_on_cuda_with_amp(world, teacher_file, amp):
     train_main(["--config", "tiny_test.yaml", "--resume", *world_opts(world, part, max_iter=6, **{
         "MODEL.DEVICE": "cuda", "SOLVER.AMP": amp, "SOLVER.CHECKPOINT_PERIOD": 3, "DATASETS.TEST": []})])
     assert load_checkpoint(part / "model_final.pth")["iteration"] == 6
+    assert resumed_at(part) == [3]  # continued from the checkpoint, not from iteration 0
 
 
 def test_ddp_syncbn_two_ranks(world, teacher_file):

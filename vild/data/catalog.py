@@ -20,6 +20,7 @@ class DatasetMeta:
     image_root: str
     evaluator_type: str  # coco | lvis
     split: str  # lvis | coco_ovd | all | none
+    user: bool = False  # registered by the user (DATASETS.CUSTOM, register_dataset): its json is validated on load
 
 
 # relative paths under the datasets root; COCO OVD applies its split on load from the original files
@@ -49,7 +50,7 @@ def register_dataset(
         raise ValueError(f"dataset {name!r}: evaluator_type must be 'coco' or 'lvis', got {evaluator_type!r}")
     if split not in SPLITS:
         raise ValueError(f"dataset {name!r}: split must be one of {SPLITS}, got {split!r}")
-    meta = DatasetMeta(name, str(json_file), str(image_root), evaluator_type, split)
+    meta = DatasetMeta(name, str(json_file), str(image_root), evaluator_type, split, user=True)
     _USER[name] = meta
     return meta
 
@@ -64,8 +65,15 @@ def get_dataset_meta(name: str, cfg: Any = None, check: bool = True) -> DatasetM
     custom = getattr(getattr(cfg, "DATASETS", None), "CUSTOM", None) or {}
     if name in custom:
         c = custom[name]
+        missing = [k for k in ("JSON", "IMAGES") if not c.get(k)]
+        if missing:
+            raise ValueError(f"DATASETS.CUSTOM.{name} needs {' and '.join(missing)}: e.g. "
+                             f"{{JSON: data/train.json, IMAGES: data/images}}")
         meta = DatasetMeta(name, str(c["JSON"]), str(c["IMAGES"]), str(c.get("TYPE", "coco")),
-                           str(c.get("SPLIT", "all")))
+                           str(c.get("SPLIT", "all")), user=True)
+        if meta.evaluator_type not in ("coco", "lvis") or meta.split not in SPLITS:
+            raise ValueError(f"DATASETS.CUSTOM.{name}: TYPE must be coco or lvis and SPLIT one of {SPLITS}; got "
+                             f"TYPE {meta.evaluator_type!r}, SPLIT {meta.split!r}")
     elif name in _USER:
         meta = _USER[name]
     elif name in _BUILTIN:

@@ -18,6 +18,7 @@ from .proposal_store import ProposalStore
 from .records import RecordList
 from .splits import apply_split
 from .transforms import DetectionTransform
+from .validate import read_json, validate_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -26,14 +27,24 @@ _IMAGE_KEYS = ("id", "file_name", "coco_url", "height", "width")
 _ANN_KEYS = ("bbox", "category_id", "segmentation")
 
 
-def load_api(json_file: str | os.PathLike, evaluator_type: str) -> Any:
-    """Load a json with the official API: ``pycocotools.coco.COCO`` or ``lvis.LVIS``."""
+def load_api(json_file: str | os.PathLike, evaluator_type: str, data: dict | None = None) -> Any:
+    """Load a json with the official API: ``pycocotools.coco.COCO`` or ``lvis.LVIS`` (from ``data`` if given)."""
     with contextlib.redirect_stdout(io.StringIO()):  # both APIs print progress chatter
         if evaluator_type == "lvis":
             from lvis import LVIS
-            return LVIS(str(json_file))
+            if data is None:
+                return LVIS(str(json_file))
+            api = LVIS.__new__(LVIS)  # the constructor only reads the file, then indexes it
+            api.logger, api.dataset = logging.getLogger("lvis.lvis"), data
+            api._create_index()
+            return api
         from pycocotools.coco import COCO
-        api = COCO(str(json_file))
+        if data is None:
+            api = COCO(str(json_file))
+        else:
+            api = COCO()
+            api.dataset = data
+            api.createIndex()
     for a in api.anns.values():
         a.setdefault("iscrowd", 0)  # LVIS-style files omit it, and COCOeval needs it
     return api
@@ -44,6 +55,13 @@ def _api_tables(api: Any) -> tuple[dict, dict, dict]:
     if hasattr(api, "img_ann_map"):  # lvis.LVIS
         return api.imgs, api.img_ann_map, api.cats
     return api.imgs, api.imgToAnns, api.cats
+
+
+def has_segmentation(segm: Any) -> bool:
+    """Whether an annotation's ``segmentation`` describes a shape (a polygon of 3+ points, or an RLE)."""
+    if isinstance(segm, list):
+        return any(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segm)
+    return isinstance(segm, dict) and bool(segm.get("counts"))
 
 
 def decode_mask(segm: Any, bbox: list[float], height: int, width: int) -> np.ndarray:
@@ -82,8 +100,13 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __init__(self, json_file: str | os.PathLike, image_root: str | os.PathLike, evaluator_type: str = "coco",
                  split: str = "all", train: bool = True, transforms: Callable | None = None,
                  proposal_store: ProposalStore | None = None, filter_empty: bool | None = None, name: str = "",
-                 unreadable: str | None = None, masks: bool = True, keep_api: bool | None = None):
+                 unreadable: str | None = None, masks: bool = True, keep_api: bool | None = None,
+                 novel: tuple[str, ...] | list[str] = (), validate: bool = False):
         """Load ``json_file``; ``filter_empty`` (default: ``train``) drops images left without annotations.
+
+        ``novel``: category names held out of training and scored as novel (split ``all``). ``validate`` checks the
+        json first (ids, names, boxes, image files: ``data/validate.py``) and stops at the first kind of problem
+        with an error naming the file, the entry and the fix.
 
         ``masks=False`` leaves the ground-truth masks out of the targets: evaluation scores against the
         json, and the proposal-store writer needs none, so decoding every polygon would be wasted work.
@@ -98,7 +121,13 @@ class DetectionDataset(torch.utils.data.Dataset):
             raise ValueError(f"unreadable={unreadable!r}: expected 'next', 'raise' or 'skip'")
         self.transforms = transforms or DetectionTransform(None)
         self.proposal_store = proposal_store
-        api = load_api(json_file, evaluator_type)
+        self.novel = tuple(novel)
+        data = None
+        if validate:
+            data = read_json(json_file)
+            validate_dataset(data, json_file, self.image_path)
+        api = load_api(json_file, evaluator_type, data)
+        del data
         records = self._index(api, split, train, train if filter_empty is None else filter_empty)
         self.image_ids: list[int] = [r[0]["id"] for r in records]
         # one byte buffer instead of millions of Python objects: loader workers share it (see records.py)
@@ -119,7 +148,7 @@ class DetectionDataset(torch.utils.data.Dataset):
     def _index(self, api: Any, split: str, train: bool, filter_empty: bool) -> list[tuple[dict, list[dict]]]:
         """Apply the split to the categories (sets the vocabulary) and collect each kept image's record."""
         imgs, img_anns, cats = _api_tables(api)
-        kept, base_mask = apply_split(list(cats.values()), split)
+        kept, base_mask = apply_split(list(cats.values()), split, self.novel)
         if train:
             kept, base_mask = [c for c, b in zip(kept, base_mask) if b], [True] * sum(base_mask)
         self.category_ids: list[int] = [c["id"] for c in kept]
@@ -128,8 +157,10 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.base_mask: list[bool] = base_mask
         self._label = {cid: i for i, cid in enumerate(self.category_ids)}
         records = []
+        self.has_masks = False  # any kept annotation with a segmentation: box-only data trains and scores no masks
         for img_id in sorted(imgs):
             all_anns = [a for a in img_anns.get(img_id, []) if a["category_id"] in self._label]
+            self.has_masks = self.has_masks or any(has_segmentation(a.get("segmentation")) for a in all_anns)
             anns = [a for a in all_anns if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1]
             # COCO OVD test sets keep only images showing one of the 65 classes (the benchmark's 4836)
             if (filter_empty and not anns) or (split == "coco_ovd" and not train and not all_anns):
@@ -216,9 +247,13 @@ class DetectionDataset(torch.utils.data.Dataset):
             "orig_size": (h, w),
         }
         if self.load_masks:
-            masks = np.stack([decode_mask(a.get("segmentation"), a["bbox"], h, w) for a in anns]) if anns else \
-                np.zeros((0, h, w), np.uint8)
+            # an annotation without a segmentation gets an empty mask flagged invalid: it trains no mask (a box-shaped
+            # target would teach the mask head rectangles)
+            valid = [has_segmentation(a.get("segmentation")) for a in anns]
+            masks = np.stack([decode_mask(a["segmentation"], a["bbox"], h, w) if v else np.zeros((h, w), np.uint8)
+                              for a, v in zip(anns, valid)]) if anns else np.zeros((0, h, w), np.uint8)
             target["masks"] = torch.from_numpy(masks)
+            target["mask_valid"] = torch.tensor(valid, dtype=torch.bool)
         target.update(self._proposals(int(img["id"])))
         return target
 

@@ -21,7 +21,11 @@ from .transforms import build_transforms
 def build_dataset(cfg: Any, name: str, train: bool, proposal_store: ProposalStore | str | None = None,
                   filter_empty: bool | None = None, unreadable: str | None = None,
                   masks: bool = True, keep_api: bool | None = None) -> DetectionDataset:
-    """Resolve ``name`` through the catalog; training sets open cfg.DATASETS.PROPOSAL_STORE when none is given."""
+    """Resolve ``name`` through the catalog; training sets open cfg.DATASETS.PROPOSAL_STORE when none is given.
+
+    A user's dataset (DATASETS.CUSTOM, ``register_dataset``) is validated on load; DATASETS.NOVEL names its
+    held-out categories when its SPLIT is ``all``.
+    """
     meta = get_dataset_meta(name, cfg)
     if proposal_store is None and train and cfg.DATASETS.PROPOSAL_STORE:
         proposal_store = cfg.DATASETS.PROPOSAL_STORE
@@ -29,7 +33,14 @@ def build_dataset(cfg: Any, name: str, train: bool, proposal_store: ProposalStor
         proposal_store = ProposalStore(proposal_store)
     return DetectionDataset(meta.json_file, meta.image_root, meta.evaluator_type, meta.split, train,
                             build_transforms(cfg, train), proposal_store, filter_empty=filter_empty, name=name,
-                            unreadable=unreadable, masks=masks, keep_api=keep_api)
+                            unreadable=unreadable, masks=masks, keep_api=keep_api,
+                            novel=_novel_names(cfg, meta.split), validate=meta.user)
+
+
+def _novel_names(cfg: Any, split: str) -> list[str]:
+    """DATASETS.NOVEL for a dataset split ``all`` (``lvis`` and ``coco_ovd`` name their own novel categories)."""
+    novel = list(getattr(getattr(cfg, "DATASETS", None), "NOVEL", None) or [])
+    return novel if split in ("all", "none") else []
 
 
 def trivial_collate(batch: list) -> tuple[list, list]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -20,10 +21,18 @@ COCO_OVD_NOVEL = [
 SPLITS = ("lvis", "coco_ovd", "all", "none")
 
 
-def apply_split(categories: list[dict], split: str) -> tuple[list[dict], list[bool]]:
-    """Return the categories kept by ``split`` (sorted by id) and whether each is a base category."""
+def apply_split(categories: list[dict], split: str, novel: Sequence[str] = ()) -> tuple[list[dict], list[bool]]:
+    """Return the categories kept by ``split`` (sorted by id) and whether each is a base category.
+
+    ``novel``: category names (or synonyms, any case) held out as novel under split ``all``; empty: none.
+    """
     cats = sorted(categories, key=lambda c: c["id"])
+    if novel and split not in ("all", "none"):
+        raise ValueError(f"novel categories are chosen twice, by split {split!r} and by name {list(novel)}: "
+                         f"set DATASETS.NOVEL only for datasets whose SPLIT is all")
     if split in ("all", "none"):
+        if novel:
+            return cats, _base_by_names(cats, novel)
         # no held-out classes: everything is "seen"
         return cats, [True] * len(cats)
     if split == "lvis":
@@ -45,3 +54,16 @@ def apply_split(categories: list[dict], split: str) -> tuple[list[dict], list[bo
                            len(missing), ", ".join(missing))
         return kept, [c["name"] in base for c in kept]
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
+def _base_by_names(cats: list[dict], novel: Sequence[str]) -> list[bool]:
+    """Base flags: False for the categories that ``novel`` names (by name or synonym, any case)."""
+    def keys(c: dict) -> set[str]:
+        return {n.strip().lower() for n in [c["name"], *c.get("synonyms", [])]}
+    wanted = {n.strip().lower(): n for n in novel}
+    unknown = [n for k, n in wanted.items() if not any(k in keys(c) for c in cats)]
+    if unknown:
+        names = ", ".join(c["name"] for c in cats[:40]) + (", ..." if len(cats) > 40 else "")
+        raise ValueError(f"novel categories {unknown} are not in the dataset; its categories: {names} "
+                         f"(set DATASETS.NOVEL to names among them, or [] for none)")
+    return [not (keys(c) & wanted.keys()) for c in cats]

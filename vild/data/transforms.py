@@ -61,11 +61,15 @@ class DetectionTransform:
             target["proposal_boxes"] = out["proposal_boxes"].as_subclass(torch.Tensor)
         h, w = image.shape[-2:]
         if self.recompute_boxes and "masks" in target and len(target["masks"]):
-            target["boxes"] = mask_extents(target["masks"])
+            extents = mask_extents(target["masks"])
+            if "mask_valid" in target:  # annotations without a segmentation keep their (clipped) box
+                extents = torch.where(target["mask_valid"][:, None], extents, target["boxes"].float())
+            target["boxes"] = extents
         boxes, keep = clamp_boxes(target["boxes"].float(), h, w)
         target["boxes"], target["labels"] = boxes[keep], target["labels"][keep]
-        if "masks" in target:  # left out where nothing reads them (evaluation, the proposal-store writer)
-            target["masks"] = target["masks"][keep]
+        for key in ("masks", "mask_valid"):  # left out where nothing reads them (evaluation, the store writer)
+            if key in target:
+                target[key] = target[key][keep]
         props, ok = clamp_boxes(target["proposal_boxes"].float(), h, w)
         target["proposal_boxes"] = props
         target["proposal_valid"] = target["proposal_valid"] & ok

@@ -11,10 +11,15 @@ import torch
 
 from ..utils.atomic import atomic_save
 
-__all__ = ["FORMAT_VERSION", "atomic_save", "check_teacher", "export_checkpoint", "last_checkpoint", "load_checkpoint",
+__all__ = ["FORMAT_VERSION", "UnreadableCheckpoint", "atomic_save", "check_teacher", "checkpoints_newest_first",
+           "export_checkpoint", "last_checkpoint", "load_checkpoint", "prune_checkpoints", "remove_stale_temp_files",
            "rng_state", "set_rng_state", "teacher_mismatch"]
 
 FORMAT_VERSION = 2  # 2: "rng" holds every rank's state, by rank (1: rank 0's only)
+
+
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that cannot be read: truncated, corrupt, or not a vild checkpoint."""
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -25,10 +30,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated files, pickles with code, other formats
-        raise ValueError(f"checkpoint {p} cannot be read safely ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+        raise UnreadableCheckpoint(f"checkpoint {p} cannot be read safely ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                          f"it is corrupt, truncated or not a vild checkpoint") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"checkpoint {p} holds no 'model' entry: not a vild checkpoint")
+        raise UnreadableCheckpoint(f"checkpoint {p} holds no 'model' entry: not a vild checkpoint")
     return ckpt
 
 
@@ -100,13 +105,40 @@ def set_rng_state(state: dict) -> None:
 
 
 _CKPT_RE = re.compile(r"model_(\d+)\.pth$")
+# atomic_open's temp files of checkpoints: ".model_0000100.pth.<random>.tmp", ".model_final.pth.<random>.tmp"
+_TEMP_GLOB = ".model_*.pth.*.tmp"
+
+
+def _numbered(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Periodic checkpoints ``model_NNNNNNN.pth`` by iteration, oldest first."""
+    return sorted((int(m.group(1)), p) for p in Path(output_dir).glob("model_*.pth") if (m := _CKPT_RE.search(p.name)))
+
+
+def checkpoints_newest_first(output_dir: str | os.PathLike) -> list[Path]:
+    """``model_final.pth`` (if any), then ``model_NNNNNNN.pth`` from the highest iteration down."""
+    final = Path(output_dir) / "model_final.pth"
+    return ([final] if final.is_file() else []) + [p for _, p in reversed(_numbered(output_dir))]
 
 
 def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """Newest ``model_NNNNNNN.pth`` (or ``model_final.pth``) in a training folder."""
-    d = Path(output_dir)
-    final = d / "model_final.pth"
-    if final.is_file():
-        return final
-    found = sorted((int(m.group(1)), p) for p in d.glob("model_*.pth") if (m := _CKPT_RE.search(p.name)))
-    return found[-1][1] if found else None
+    found = checkpoints_newest_first(output_dir)
+    return found[0] if found else None
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest periodic checkpoints (``keep`` 0: delete none); return the deleted."""
+    if keep <= 0:
+        return []
+    old = [p for _, p in _numbered(output_dir)[:-keep]]
+    for p in old:
+        p.unlink(missing_ok=True)
+    return old
+
+
+def remove_stale_temp_files(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete the hidden temp files of checkpoint writes that a killed process left behind; return them."""
+    stale = sorted(Path(output_dir).glob(_TEMP_GLOB))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

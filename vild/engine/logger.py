@@ -14,8 +14,8 @@ import torch
 from ..utils import comm
 
 
-def setup_logger(output_dir: str | Path | None, rank: int = 0, name: str = "vild") -> logging.Logger:
-    """Console logging on rank 0 (warnings elsewhere), plus a ``log.txt`` file in ``output_dir``."""
+def setup_logger(output_dir: str | Path | None, rank: int = 0, name: str = "vild", stage: str = "") -> logging.Logger:
+    """Console logging on rank 0 (warnings elsewhere), plus a ``log.txt`` file in ``output_dir``; lines name ``stage``."""
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logger.propagate = False
@@ -23,7 +23,8 @@ def setup_logger(output_dir: str | Path | None, rank: int = 0, name: str = "vild
         logger.removeHandler(h)
         if isinstance(h, logging.FileHandler):
             h.close()  # a run in the same process (a notebook, the tests) would otherwise leak the old log file
-    fmt = logging.Formatter(f"[%(asctime)s{'' if rank == 0 else f' r{rank}'}] %(message)s", "%H:%M:%S")
+    fmt = logging.Formatter(f"[%(asctime)s{'' if rank == 0 else f' r{rank}'}{f' {stage}' if stage else ''}] %(message)s",
+                            "%H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
     logger.addHandler(console)
@@ -36,16 +37,28 @@ def setup_logger(output_dir: str | Path | None, rank: int = 0, name: str = "vild
 
 
 class MetricsWriter:
-    """Appends one JSON line per logged step and mirrors scalars to TensorBoard (rank 0 only)."""
+    """Appends one JSON line per logged step and mirrors scalars to TensorBoard (rank 0 only).
 
-    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    ``start_iter``: where training (re)starts; lines and TensorBoard events of later iterations, which the run
+    is about to log again, are dropped first (``None``: append as is, e.g. the final evaluation's line).
+    ``stage``: written into every line (``"stage": ...``) when not empty.
+    """
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 start_iter: int | None = None, redo_evaluation_at: int | None = None, stage: str = ""):
+        """``redo_evaluation_at``: an iteration whose evaluation lines are dropped too (it will be evaluated again)."""
         self.enabled = enabled
+        self.stage = stage
         self.path = Path(output_dir) / "metrics.jsonl"
         self.tb = None
+        if enabled and start_iter is not None:
+            drop_replayed_lines(self.path, start_iter, redo_evaluation_at)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+                # purge_step hides the events of iterations >= start_iter that an interrupted run wrote
+                self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"),
+                                        purge_step=start_iter if start_iter else None)
             except ImportError:  # tensorboard is a dependency, but a broken install must not stop training
                 logging.getLogger("vild").warning("tensorboard not importable; writing metrics.jsonl only")
 
@@ -55,8 +68,9 @@ class MetricsWriter:
             return
         # NaN (e.g. AP of a size with no objects) is not JSON: null, as in the evaluators' metrics.json
         scalars = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in scalars.items()}
+        row = {"iteration": iteration, **({"stage": self.stage} if self.stage else {}), **scalars}
         with open(self.path, "a") as f:
-            f.write(json.dumps({"iteration": iteration, **scalars}, allow_nan=False) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
         if self.tb is not None:
             for k, v in scalars.items():
                 if v is not None:
@@ -66,6 +80,34 @@ class MetricsWriter:
         """Flush TensorBoard."""
         if self.tb is not None:
             self.tb.close()
+
+
+def drop_replayed_lines(path: str | Path, start_iter: int, redo_evaluation_at: int | None = None) -> int:
+    """Rewrite ``metrics.jsonl`` without the lines a run restarting at ``start_iter`` will write again.
+
+    Kept: lines of earlier iterations, and those of ``start_iter`` itself (logged before its checkpoint),
+    except evaluation lines (no ``total_loss``) at ``redo_evaluation_at``. A line cut off by a kill goes too.
+    Returns how many lines were dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            it = int(row["iteration"])
+        except (ValueError, KeyError, TypeError):
+            dropped += 1
+            continue
+        if it > start_iter or (it == redo_evaluation_at and "total_loss" not in row):
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        from ..utils.atomic import atomic_write_bytes
+        atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
+    return dropped
 
 
 class LossWindow:

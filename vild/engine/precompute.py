@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Command line of ``tools/precompute_clip.py``."""
     import argparse
 
-    from ..config import load_config
+    from ..config import load_config, parse_args_with_overrides
     from ..teacher import CLIPTeacher
     from .distributed import cleanup, init_distributed, resolve_device
     from .logger import setup_logger
@@ -207,8 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shard", type=int, default=None)
     p.add_argument("--num-shards", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
-    args = p.parse_args(argv)
+    p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides, KEY VALUE pairs")
+    args = parse_args_with_overrides(p, argv)
     cfg = load_config(args.config, args.opts)
     out = args.output or cfg.DATASETS.PROPOSAL_STORE
     if not out:

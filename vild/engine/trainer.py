@@ -17,10 +17,13 @@ from ..modeling import ViLD, build_model
 from ..utils import comm
 from .checkpoint import (
     FORMAT_VERSION,
+    UnreadableCheckpoint,
     atomic_save,
     check_teacher,
-    last_checkpoint,
+    checkpoints_newest_first,
     load_checkpoint,
+    prune_checkpoints,
+    remove_stale_temp_files,
     rng_state,
     set_rng_state,
     teacher_mismatch,
@@ -110,10 +113,16 @@ def save_training_checkpoint(path: Path, cfg: CfgNode, model: torch.nn.Module, o
 
 
 class Trainer:
-    """Builds everything a run needs from a config and runs the loop (``train``) or evaluation (``test``)."""
+    """Builds everything a run needs from a config and runs the loop (``train``) or evaluation (``test``).
 
-    def __init__(self, cfg: CfgNode):
+    ``stage``: the pipeline stage this run is (``tools/train_net.py`` runs several); console lines start with
+    it and every ``metrics.jsonl`` line carries it.
+    """
+
+    def __init__(self, cfg: CfgNode, stage: str = "", teacher=None):
+        """``teacher``: a loaded ``CLIPTeacher`` of TEACHER.* to share (default: load one)."""
         self.cfg = cfg
+        self.stage = stage
         self.device = resolve_device(cfg.MODEL.DEVICE)
         init_distributed(self.device)
         self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
@@ -121,10 +130,17 @@ class Trainer:
         if comm.is_main_process():
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(cfg.dump())
-        self.logger = setup_logger(self.output_dir, self.rank)
+        self.logger = setup_logger(self.output_dir, self.rank, stage=stage)
+        if comm.is_main_process():
+            stale = remove_stale_temp_files(self.output_dir)
+            if stale:
+                self.logger.info("removed %d temporary checkpoint file(s) of an interrupted write: %s", len(stale),
+                                 ", ".join(p.name for p in stale))
         seed_everything(cfg.SEED + self.rank)
-        from ..teacher import CLIPTeacher  # heavy import kept out of module import time
-        self.teacher = CLIPTeacher.from_config(cfg, self.device)
+        if teacher is None:
+            from ..teacher import CLIPTeacher  # heavy import kept out of module import time
+            teacher = CLIPTeacher.from_config(cfg, self.device)
+        self.teacher = teacher
         self.model = build_model(cfg).to(self.device)
 
     # ---- data ---------------------------------------------------------------------------------
@@ -150,6 +166,39 @@ class Trainer:
                              len(ds.image_ids), missing)
         return ds
 
+    def _drop_mask_head(self, dataset: DetectionDataset) -> None:
+        """Box-only training data: train and save a model without a mask head (MODEL.MASK_ON False)."""
+        self._build_without_masks(f"no annotation of {dataset.name} has a segmentation: training boxes only")
+        dataset.load_masks = False
+
+    def _build_without_masks(self, why: str) -> None:
+        self.logger.info("%s, without a mask head (MODEL.MASK_ON False); the model detects without masks", why)
+        self.cfg.MODEL.MASK_ON = False
+        seed_everything(self.cfg.SEED + self.rank)  # the same initial weights as a run configured without masks
+        self.model = build_model(self.cfg).to(self.device)
+        if comm.is_main_process():
+            (self.output_dir / "config.yaml").write_text(self.cfg.dump())
+
+    def _match_mask_head(self, ckpt: dict, source: str | Path) -> None:
+        """Drop this model's mask head when the checkpoint's config says it was trained without one."""
+        if self.cfg.MODEL.MASK_ON and ((ckpt.get("cfg") or {}).get("MODEL") or {}).get("MASK_ON") is False:
+            self._build_without_masks(f"{source} was trained on boxes only")
+
+    def _load_weights(self, state: dict, source: str | Path) -> None:
+        """Load a state dict; a mask head present on only one side (masks vs. box-only training) is logged, not fatal."""
+        model = unwrap(self.model)
+        own = model.state_dict()
+        extra, missing = [k for k in state if k not in own], [k for k in own if k not in state]
+        if not (extra or missing) or not all(k.startswith("roi_heads.mask_") for k in extra + missing):
+            model.load_state_dict(state)  # a real mismatch: torch's error lists the keys
+            return
+        if extra:
+            self.logger.info("%s has a mask head, this model none (MODEL.MASK_ON False): its mask weights are left out",
+                             source)
+        if missing:
+            self.logger.info("%s has no mask head: this model's mask head starts untrained", source)
+        model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
     def _check_store_teacher(self, store) -> None:
         why = teacher_mismatch(store.teacher or {}, self.teacher.identity)
         if why:
@@ -163,14 +212,41 @@ class Trainer:
         unwrap(self.model).set_vocabulary(emb, mask)
 
     # ---- training ---------------------------------------------------------------------------
-    def resume_or_load(self, resume: bool) -> int:
-        """Load MODEL.WEIGHTS, or with ``resume`` the newest checkpoint in OUTPUT_DIR; return the start iteration."""
-        path = last_checkpoint(self.output_dir) if resume else None
+    def _newest_readable_checkpoint(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint of OUTPUT_DIR that loads, passing over (and naming) unreadable newer ones."""
+        found = checkpoints_newest_first(self.output_dir)
+        bad = []
+        for path in found:
+            try:
+                # on the CPU: the RNG states must stay CPU tensors; weights and optimizer state move to the device
+                ckpt = load_checkpoint(path, map_location="cpu")
+            except UnreadableCheckpoint as e:
+                self.logger.warning("%s", e)
+                bad.append(path)
+                continue
+            if bad:
+                self.logger.warning("resuming from %s instead of the unreadable %s (a write was cut off?)", path.name,
+                                    ", ".join(p.name for p in bad))
+            return path, ckpt
+        if bad:
+            raise UnreadableCheckpoint(
+                f"--resume: no checkpoint in {self.output_dir} can be read ({', '.join(p.name for p in bad)} "
+                f"truncated or corrupt); delete {'them' if len(bad) > 1 else 'it'} to start afresh, or point "
+                f"OUTPUT_DIR at another run")
+        return None
+
+    def resume_or_load(self, resume: bool, evaluate_only: bool = False) -> int:
+        """Load MODEL.WEIGHTS, or with ``resume`` the newest checkpoint in OUTPUT_DIR; return the start iteration.
+
+        A newest checkpoint that cannot be read (a write cut off by a kill) is passed over for the one before.
+        A checkpoint trained without masks is resumed (or, ``evaluate_only``, evaluated) without a mask head.
+        """
+        found = self._newest_readable_checkpoint() if resume else None
         self._resume_state = None
-        if path is not None:
-            # on the CPU: the RNG states must stay CPU tensors; weights and optimizer state move to the device
-            ckpt = load_checkpoint(path, map_location="cpu")
+        if found is not None:
+            path, ckpt = found
             check_teacher(ckpt.get("teacher") or {}, self.teacher.identity, path, self._teacher_fix)
+            self._match_mask_head(ckpt, path)
             unwrap(self.model).load_state_dict(ckpt["model"])
             self._resume_state = ckpt
             self.logger.info("resuming from %s at iteration %d", path, ckpt["iteration"])
@@ -181,7 +257,9 @@ class Trainer:
             ckpt = load_checkpoint(self.cfg.MODEL.WEIGHTS, map_location="cpu")
             check_teacher(ckpt.get("teacher") or {}, self.teacher.identity, self.cfg.MODEL.WEIGHTS,
                           self._teacher_fix)
-            unwrap(self.model).load_state_dict(ckpt["model"])
+            if evaluate_only:
+                self._match_mask_head(ckpt, self.cfg.MODEL.WEIGHTS)
+            self._load_weights(ckpt["model"], self.cfg.MODEL.WEIGHTS)
             self.logger.info("loaded weights from %s", self.cfg.MODEL.WEIGHTS)
         return 0
 
@@ -214,11 +292,13 @@ class Trainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         self.model = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
 
-    def train(self, resume: bool = False) -> dict:
-        """Run SOLVER.MAX_ITER iterations (continuing a checkpoint with ``resume``), then evaluate."""
+    def train(self, resume: bool = False, evaluate: bool = True) -> dict:
+        """Run SOLVER.MAX_ITER iterations (continuing a checkpoint with ``resume``), then evaluate (``evaluate``)."""
         from ..data import batch_to_device, build_train_loader
         cfg, log = self.cfg, self.logger
         dataset = self.train_dataset()
+        if cfg.MODEL.MASK_ON and not dataset.has_masks:
+            self._drop_mask_head(dataset)
         self.vocabulary = dataset.category_names
         self.set_vocabulary(self.vocabulary, [True] * len(self.vocabulary))
         start_iter = self.resume_or_load(resume)
@@ -232,8 +312,10 @@ class Trainer:
                 scaler.load_state_dict(self._resume_state["scaler"])
             self._restore_rng(self._resume_state["rng"], start_iter)
         loader = build_train_loader(cfg, dataset, start_iter=start_iter, pin_memory=self.device.type == "cuda")
-        writer = MetricsWriter(self.output_dir, enabled=comm.is_main_process())
         max_iter = cfg.SOLVER.MAX_ITER
+        # a resumed run logs its iterations after start_iter again, and evaluates again at the end
+        writer = MetricsWriter(self.output_dir, enabled=comm.is_main_process(), start_iter=start_iter,
+                               redo_evaluation_at=max_iter, stage=self.stage)
         log.info("training %s (%s) on %d categories for %d iterations, %d process(es) on %s",
                  cfg.MODEL.VILD.VARIANT, cfg.MODEL.BACKBONE.NAME, len(self.vocabulary), max_iter,
                  self.world_size, self.device)
@@ -291,9 +373,10 @@ class Trainer:
             if save_now or eval_now:
                 eta.restart(it + 1)
         writer.close()
-        results = self.test() if cfg.DATASETS.TEST else {}
+        results = self.test() if cfg.DATASETS.TEST and evaluate else {}
         if results:
-            writer = MetricsWriter(self.output_dir, enabled=comm.is_main_process(), tensorboard=False)
+            writer = MetricsWriter(self.output_dir, enabled=comm.is_main_process(), tensorboard=False,
+                                   stage=self.stage)
             writer.write(max_iter, _flatten(results))
         self._plot_curves()
         return results
@@ -305,6 +388,8 @@ class Trainer:
             save_training_checkpoint(self.output_dir / name, self.cfg, self.model, optimizer, iteration,
                                      self.teacher.identity, self.vocabulary, scaler, rngs)
             self.logger.info("saved %s", self.output_dir / name)
+            for old in prune_checkpoints(self.output_dir, self.cfg.SOLVER.KEEP_CHECKPOINTS):
+                self.logger.info("removed %s (SOLVER.KEEP_CHECKPOINTS %d)", old.name, self.cfg.SOLVER.KEEP_CHECKPOINTS)
             self._plot_curves()
         comm.synchronize()
 

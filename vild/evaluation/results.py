@@ -88,7 +88,11 @@ class ResultsEvaluator:
         if comm.is_main_process():
             image_ids = sorted({i for ids, _, _ in gathered for i in ids})
             results = {k: [r for _, res, _ in gathered for r in res[k]] for k in ("bbox", "segm")}
-            iou_types = ["bbox"] + (["segm"] if any(g[2] for g in gathered) else [])
+            # no mask AP for a model without masks, nor against a json without segmentations (box-only data)
+            gt_masks = getattr(self.dataset, "has_masks", True)
+            iou_types = ["bbox"] + (["segm"] if gt_masks and any(g[2] for g in gathered) else [])
+            if not gt_masks and any(g[2] for g in gathered):
+                logger.info("%s has no segmentations: boxes are scored, masks are not", self.dataset.json_file)
             if not image_ids:
                 logger.warning("%s: no images were processed; nothing to evaluate", type(self).__name__)
             else:

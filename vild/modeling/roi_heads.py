@@ -166,6 +166,12 @@ class ViLDRoIHeads(nn.Module):
         # each image's positives are its first rows
         pos_rois = [r[:n] for r, n in zip(sampled.rois, sampled.num_pos)]
         pos_matched = [m[:n] for m, n in zip(sampled.matched, sampled.num_pos)]
+        if any("mask_valid" in t for t in targets):
+            # positives on ground truth without a segmentation (box-only annotations) train no mask
+            keep = [t["mask_valid"][m] if "mask_valid" in t else torch.ones_like(m, dtype=torch.bool)
+                    for t, m in zip(targets, pos_matched)]
+            pos_rois = [r[k] for r, k in zip(pos_rois, keep)]
+            pos_matched = [m[k] for m, k in zip(pos_matched, keep)]
         # without a positive RoI (a crop with no object, common under large-scale jitter) the head still
         # runs, on zero rows: DDP expects a gradient for every parameter, and SyncBN's collectives must
         # meet the other ranks'; maskrcnn_loss gives 0 for no targets

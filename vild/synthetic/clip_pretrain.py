@@ -136,11 +136,9 @@ def _text_embeddings(model: torch.nn.Module, tokenizer, names: Sequence[Sequence
     return torch.stack(out)
 
 
-def _load_world_boxes(world: dict | str, split: str, names: list[str], max_images: int | None):
-    """Images (uint8 3xHxW), xyxy boxes and label indices of a world split's LVIS JSON."""
+def _world_json(world: dict | str, split: str) -> tuple[str, dict]:
+    """Path and contents of a world split's LVIS JSON, given a world dict, that JSON or world_info.json."""
     import json
-
-    import cv2
 
     path = world if isinstance(world, str) else world[f"lvis_{split}"]
     with open(path) as f:
@@ -149,6 +147,14 @@ def _load_world_boxes(world: dict | str, split: str, names: list[str], max_image
         path = os.path.join(os.path.dirname(os.path.abspath(path)), data[f"lvis_{split}"])
         with open(path) as f:
             data = json.load(f)
+    return path, data
+
+
+def _load_world_boxes(world: dict | str, split: str, names: list[str], max_images: int | None):
+    """Images (uint8 3xHxW), xyxy boxes and label indices of a world split's LVIS JSON."""
+    import cv2
+
+    path, data = _world_json(world, split)
     cat_name = {c["id"]: c["name"] for c in data["categories"]}
     by_image: dict[int, list] = {}
     for a in data["annotations"]:
@@ -208,10 +214,25 @@ def zero_shot_accuracy(teacher: Any, world_or_crops: Any, names: Sequence | None
 
 
 def region_zero_shot_accuracy(weights: str, world: dict | str, model_name: str = MODEL_NAME,
-                              split: str = "val", cache_dir: str | None = None) -> dict:
-    """Zero-shot accuracy of saved teacher weights on a world split's boxes via CLIPTeacher."""
+                              split: str = "val", cache_dir: str | None = None,
+                              novel_names: Sequence[str] | None = None) -> dict:
+    """Zero-shot accuracy of saved teacher weights on a world split's boxes via CLIPTeacher.
+
+    The categories are the JSON's (name and synonyms); ``novel_names`` is the novel group, by default the
+    categories whose LVIS ``frequency`` is ``r``; the result names it (``novel_names``).
+    """
     from vild.teacher import CLIPTeacher
 
+    _, data = _world_json(world, split)
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    names = [[c["name"], *[s for s in c.get("synonyms", []) if s != c["name"]]] for c in cats]
+    if novel_names is None:
+        novel_names = [c["name"] for c in cats if c.get("frequency") == "r"]
+    unknown = sorted(set(novel_names) - {c["name"] for c in cats})
+    if unknown:
+        raise ValueError(f"novel names {unknown} are not categories of the {split} JSON; its categories: "
+                         f"{', '.join(c['name'] for c in cats)}")
     register_model_configs()
     teacher = CLIPTeacher(model_name, weights, device="cpu", templates="vild", cache_dir=cache_dir)
-    return zero_shot_accuracy(teacher, world, split=split)
+    acc = zero_shot_accuracy(teacher, world, names=names, novel_names=list(novel_names), split=split)
+    return {**acc, "novel_names": list(novel_names)}
