@@ -76,7 +76,8 @@ class OnnxModel:
         # scoring and NMS are fixed in the graph; its threshold and detection count are inputs
         fixed = json.loads(meta["settings"]) if meta.get("settings") else {}
         self.roi_heads = SimpleNamespace(test_settings=DetectionSettings(**{
-            **fixed, "score_thresh": float(meta["score_thresh"]), "max_dets": int(meta["max_dets"])}))
+            **fixed, "score_thresh": float(meta["score_thresh"]), "max_dets": int(meta["max_dets"])}),
+            mask_on="mask_probs" in [o.name for o in session.get_outputs()])
         # checks and normalises vocabularies with the model's own rules and messages
         self.classifier = TextClassifier(int(meta["embed_dim"]))
         self.outputs = [o.name for o in session.get_outputs()]
