@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -95,12 +96,13 @@ class Detector:
 
     ``vocabulary`` defaults to ``training_vocabulary``; ``score_thresh`` and ``max_dets`` to the config's
     test settings (0.0 and DETECTIONS_PER_IMAGE: right for AP, see ``default_score_thresh`` for display).
+    ``text_cache_size`` bounds the text embeddings kept in memory (least recently used vocabularies go first).
     """
 
     def __init__(self, model: torch.nn.Module, teacher: CLIPTeacher, cfg: CfgNode,
                  training_vocabulary: Optional[list] = None, device: Union[str, torch.device] = "cpu",
                  vocabulary: Optional[VocabLike] = None, score_thresh: Optional[float] = None,
-                 max_dets: Optional[int] = None, batch_size: int = 4):
+                 max_dets: Optional[int] = None, batch_size: int = 4, text_cache_size: int = 64):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.teacher, self.cfg = teacher, cfg
@@ -110,7 +112,8 @@ class Detector:
         self.max_dets = int(cfg.MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE if max_dets is None else max_dets)
         self.batch_size = int(batch_size)
         self._train_keys = {_key(s) for syns in self.training_vocabulary for s in syns}
-        self._emb_cache: dict[str, torch.Tensor] = {}
+        self.text_cache_size = int(text_cache_size)
+        self._emb_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._vocab: list[list[str]] = []
         self._base_mask: list[bool] = []
         if vocabulary is not None or self.training_vocabulary:
@@ -182,7 +185,10 @@ class Detector:
         emb = self._emb_cache.get(key)
         if emb is None:
             emb = self.teacher.encode_text(vocab)
-            self._emb_cache[key] = emb
+        self._emb_cache[key] = emb
+        self._emb_cache.move_to_end(key)
+        while len(self._emb_cache) > max(1, self.text_cache_size):
+            self._emb_cache.popitem(last=False)
         base = [any(_key(s) in self._train_keys for s in syns) for syns in vocab]
         self.model.set_vocabulary(emb.to(self.device), torch.tensor(base, dtype=torch.bool))
         self._vocab, self._base_mask = vocab, base
@@ -205,25 +211,30 @@ class Detector:
         return results[0] if single else results
 
     @torch.no_grad()  # not inference_mode: results must stay ordinary tensors that callers may edit in place
-    def predict(self, images: list[torch.Tensor], sources: Optional[list[Optional[str]]] = None
-                ) -> list[DetectionResult]:
-        """One forward pass over uint8 RGB tensors [3, H, W]; returns a result per image."""
+    def predict(self, images: list[torch.Tensor], sources: Optional[list[Optional[str]]] = None, *,
+                score_thresh: Optional[float] = None, max_dets: Optional[int] = None) -> list[DetectionResult]:
+        """One forward pass over uint8 RGB tensors [3, H, W]; returns a result per image.
+
+        ``score_thresh`` and ``max_dets`` override the detector's settings for this call only.
+        """
+        score_thresh = self.score_thresh if score_thresh is None else float(score_thresh)
+        max_dets = self.max_dets if max_dets is None else int(max_dets)
         if not self._vocab:
             raise RuntimeError('no vocabulary: call detector.set_vocabulary("cat,dog") first')
-        if self.max_dets < 1:
-            raise ValueError(f"max_dets is {self.max_dets}: keep at least 1 detection per image")
+        if max_dets < 1:
+            raise ValueError(f"max_dets is {max_dets}: keep at least 1 detection per image")
         if sources is not None and len(sources) != len(images):
             raise ValueError(f"{len(images)} images but {len(sources)} sources: pass one source (or None) per image")
         if not images:
             return []
         heads = self.model.roi_heads
         # thresholding inside the model spares the mask head the detections that would be dropped
-        heads.score_thresh, heads.detections_per_img = self.score_thresh, self.max_dets
+        heads.score_thresh, heads.detections_per_img = score_thresh, max_dets
         outputs = self.model([im.to(self.device) for im in images])
         names = self.names
         results = []
         for im, out, src in zip(images, outputs, sources or [None] * len(images)):
-            keep = torch.nonzero(out["scores"] >= self.score_thresh).squeeze(1)[:self.max_dets]
+            keep = torch.nonzero(out["scores"] >= score_thresh).squeeze(1)[:max_dets]
             if len(keep) < len(out["scores"]):  # the model thresholds already: usually nothing to drop, and
                 out = {k: v[keep] for k, v in out.items()}  # indexing would copy masks of [n, H, W] bytes
             labels = out["labels"].cpu()

@@ -1,4 +1,5 @@
-"""Console entry points of an installed vild: ``vild-detect``, ``vild-train``, ``vild-precompute``, ``vild-demo``.
+"""Console entry points of an installed vild: ``vild-detect``, ``vild-train``, ``vild-precompute``, ``vild-demo``,
+``vild-serve``.
 
 Each returns the process exit status; ``tools/*.py`` in a checkout call the same functions.
 """
@@ -11,6 +12,13 @@ from pathlib import Path
 def detect(argv: list[str] | None = None) -> int:
     """``vild-detect --vocab "kite,unicycle" --input IMG``: see ``vild.detect_cli``."""
     from .detect_cli import main
+
+    return main(argv)
+
+
+def serve(argv: list[str] | None = None) -> int:
+    """``vild-serve --weights model.pth``: the HTTP API and web page; see ``vild.serve.cli``."""
+    from .serve.cli import main
 
     return main(argv)
 
