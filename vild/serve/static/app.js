@@ -82,15 +82,23 @@ function colorOf(label) {
   return PALETTE[(k < 0 ? 0 : k) % PALETTE.length];
 }
 
+// small images are shown enlarged (whole pixels, no smoothing) so that boxes and labels stay readable
+function displayScale(width, height) {
+  return Math.max(1, Math.min(8, Math.floor(640 / Math.max(width, height))));
+}
+
 function render() {
   const canvas = $("canvas");
   const ctx = canvas.getContext("2d");
   const res = state.result;
   if (!res) return;
-  canvas.width = res.width;
-  canvas.height = res.height;
-  if (state.bitmap) ctx.drawImage(state.bitmap, 0, 0, res.width, res.height);
-  else { ctx.fillStyle = "#ddd"; ctx.fillRect(0, 0, res.width, res.height); }
+  const s = displayScale(res.width, res.height);
+  canvas.width = res.width * s;
+  canvas.height = res.height * s;
+  canvas.dataset.scale = String(s);
+  ctx.imageSmoothingEnabled = false;
+  if (state.bitmap) ctx.drawImage(state.bitmap, 0, 0, canvas.width, canvas.height);
+  else { ctx.fillStyle = "#ddd"; ctx.fillRect(0, 0, canvas.width, canvas.height); }
   const dets = visible();
   const withMasks = dets.filter((d) => d.mask);
   if (withMasks.length) {
@@ -99,19 +107,21 @@ function render() {
     const layer = document.createElement("canvas");
     layer.width = res.width; layer.height = res.height;
     layer.getContext("2d").putImageData(overlay, 0, 0);
-    ctx.drawImage(layer, 0, 0);
+    ctx.drawImage(layer, 0, 0, canvas.width, canvas.height);
   }
-  const line = Math.max(2, Math.round(Math.max(res.width, res.height) / 300));
-  ctx.font = `${Math.max(12, line * 6)}px system-ui, sans-serif`;
+  const line = Math.max(2, Math.round(Math.max(canvas.width, canvas.height) / 400));
+  const fontPx = Math.max(12, line * 6);
+  ctx.font = `${fontPx}px system-ui, sans-serif`;
   ctx.textBaseline = "top";
   for (const d of dets) {
     const b = d.box, color = colorOf(d.label), text = `${d.label} ${d.score.toFixed(2)}`;
+    const x0 = b.xmin * s, y0 = b.ymin * s;
     ctx.strokeStyle = color; ctx.lineWidth = line;
-    ctx.strokeRect(b.xmin, b.ymin, b.xmax - b.xmin, b.ymax - b.ymin);
-    const tw = ctx.measureText(text).width + 2 * line, th = line * 6 + 2 * line;
-    const ty = b.ymin - th >= 0 ? b.ymin - th : b.ymin;
-    ctx.fillStyle = color; ctx.fillRect(b.xmin, ty, tw, th);
-    ctx.fillStyle = "#fff"; ctx.fillText(text, b.xmin + line, ty + line);
+    ctx.strokeRect(x0, y0, (b.xmax - b.xmin) * s, (b.ymax - b.ymin) * s);
+    const tw = ctx.measureText(text).width + 2 * line, th = fontPx + 2 * line;
+    const ty = y0 - th >= 0 ? y0 - th : y0;
+    ctx.fillStyle = color; ctx.fillRect(x0, ty, tw, th);
+    ctx.fillStyle = "#fff"; ctx.fillText(text, x0 + line, ty + line);
   }
   const list = $("detections");
   list.replaceChildren(...dets.map((d) => {
@@ -158,9 +168,11 @@ async function useFile(file) {
   state.result = null;
   try { state.bitmap = await createImageBitmap(file); } catch (e) { state.bitmap = null; }  // the server decides
   if (state.bitmap) {
-    const canvas = $("canvas");
-    canvas.width = state.bitmap.width; canvas.height = state.bitmap.height;
-    canvas.getContext("2d").drawImage(state.bitmap, 0, 0);
+    const canvas = $("canvas"), s = displayScale(state.bitmap.width, state.bitmap.height);
+    canvas.width = state.bitmap.width * s; canvas.height = state.bitmap.height * s;
+    const ctx = canvas.getContext("2d");
+    ctx.imageSmoothingEnabled = false;
+    ctx.drawImage(state.bitmap, 0, 0, canvas.width, canvas.height);
   }
   $("detections").replaceChildren();
   $("count").textContent = "";
@@ -195,6 +207,7 @@ async function start() {
   $("threshold").addEventListener("input", onThreshold);
   $("masks").addEventListener("change", () => { if (state.result) detect(); });
   $("key").addEventListener("change", loadInfo);
+  $("key-row").addEventListener("submit", (e) => { e.preventDefault(); loadInfo(); });
   try {
     const health = await api("healthz");
     $("key-row").hidden = !health.api_key;
@@ -218,5 +231,5 @@ async function loadInfo() {
   }
 }
 
-window.vild = { decodeRle, maskArea };
+window.vild = { decodeRle, maskArea, palette: PALETTE, state };  // for tests and the console
 start();
