@@ -21,6 +21,7 @@ Every phase is bounded: a fixed number of requests and ``--phase-timeout`` secon
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -42,11 +43,18 @@ from common import ROOT, log, write_result  # noqa: E402
 BOUNDARY = "vild-serve-load"
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 now, and not given out before by this process."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 class ServerProcess:
@@ -65,14 +73,28 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> "ServerProcess":
+        return self.start().wait()
+
+    def start(self) -> "ServerProcess":
+        """Launch the server; ``wait`` for it to answer."""
         env = {**os.environ, "VILD_CACHE": str(self.folder / "cache"), "PYTHONPATH": str(ROOT)}
         cmd = [sys.executable, str(ROOT / "tools" / "serve.py"), "--weights", self.weights, "--host", "127.0.0.1",
                "--port", str(self.port), "--device", "cpu", "--log-level", "warning", *self.args]
         with open(self.log_path, "wb") as logf:
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(self.folder))
+        return self
+
+    def wait(self) -> "ServerProcess":
+        """Poll ``/healthz`` until the server answers; raise with its log if it exits or takes too long."""
         end = time.monotonic() + self.startup_timeout
+        retries = 3
         while time.monotonic() < end:
             if self.proc.poll() is not None:
+                if "address already in use" in self.log() and retries:  # taken since free_port saw it free
+                    retries -= 1
+                    self.port = free_port()
+                    self.start()
+                    continue
                 raise RuntimeError(f"vild-serve exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
             try:
                 if self.get("/healthz")["status"] == "ok":
@@ -213,9 +235,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         bodies = [multipart(img, a.vocab) for img in make_images(tmp, a.images)]
         common = ("--threads", str(a.threads), "--max-wait-ms", str(a.max_wait_ms))
-        with ServerProcess(a.weights, tmp, ("--max-batch", "1", *common)) as single, \
-                ServerProcess(a.weights, tmp, ("--max-batch", str(a.max_batch), *common)) as batched:
-            for server in (single, batched):  # warm-up: first passes allocate, the vocabulary gets embedded
+        with contextlib.ExitStack() as stack:
+            servers = [ServerProcess(a.weights, tmp, args) for args in (
+                ("--max-batch", "1", *common), ("--max-batch", str(a.max_batch), *common),
+                ("--max-batch", str(a.max_batch), "--max-queue", str(a.overload_queue), *common))]
+            for server in servers:  # all three start at once, then each is waited for
+                stack.enter_context(server.start())
+            single, batched, small = (server.wait() for server in servers)
+            for server in servers:  # warm-up: first passes allocate, the vocabulary gets embedded
                 run_phase(server.port, 4, 16, bodies, a.phase_timeout)
             phases = [("one_at_a_time", single, 1), (f"unbatched_{counts[0]}", single, counts[0])]
             phases += [(f"batched_{c}", batched, c) for c in counts]
@@ -229,9 +256,6 @@ def main(argv: Optional[list[str]] = None) -> None:
                     log(f"{name} (repeat {r + 1}): {res['requests_per_s']} req/s, p50 "
                         f"{res['latency_ms']['p50'] if res['latency_ms'] else '-'} ms, mean batch {res['mean_batch']}"
                         f", statuses {res['statuses']}, failures {res['failures']}")
-        with ServerProcess(a.weights, tmp, ("--max-batch", str(a.max_batch), "--max-queue", str(a.overload_queue),
-                                            *common)) as small:
-            run_phase(small.port, 4, 16, bodies, a.phase_timeout)
             before = small.get("/healthz")
             overload = run_phase(small.port, max(counts), a.requests, bodies, a.phase_timeout)
             overload.update(_batches(small, before), max_queue=a.overload_queue)

@@ -310,3 +310,25 @@ def test_page_and_api_docs_are_served_and_the_page_loads_nothing_from_elsewhere(
     info = client.get("/info").json()
     assert info["limits"] == Limits().as_dict() and info["variant"] == "vild"
     assert json.loads(json.dumps(info))["training_vocabulary"][0] == "circle"
+
+
+def test_vild_serve_binds_loopback_by_default_and_takes_the_key_from_the_environment(monkeypatch, capsys, tmp_path):
+    import uvicorn
+
+    from vild.cli import serve
+    runs = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: runs.append((app, kw)))
+    monkeypatch.setenv("VILD_API_KEY", "from-env")
+    assert serve(["--weights", str(tmp_path / "none.pth")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    assert serve(["--weights", str(DEMO), "--device", "cpu", "--max-names", "7"]) == 0
+    app, kw = runs[-1]
+    assert (kw["host"], kw["port"]) == ("127.0.0.1", 8000) and "warning" not in capsys.readouterr().err
+    with TestClient(app) as c:
+        assert c.get("/info").status_code == 401
+        info = c.get("/info", headers={"Authorization": "Bearer from-env"}).json()
+    assert info["limits"]["max_names"] == 7 and info["score_threshold"] == 0.3
+    assert app.state.detector.teacher.write_cache is False
+    monkeypatch.delenv("VILD_API_KEY")
+    assert serve(["--weights", str(DEMO), "--device", "cpu", "--host", "0.0.0.0"]) == 0
+    assert runs[-1][1]["host"] == "0.0.0.0" and "without an API key" in capsys.readouterr().err

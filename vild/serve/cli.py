@@ -2,24 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ipaddress
 import os
 import sys
 from pathlib import Path
 from typing import Optional
 
+from ..detect_cli import _positive
 from .limits import Limits
 
 # Only the standard library at import time, so setup errors are reported before torch loads.
 
 API_KEY_ENV = "VILD_API_KEY"
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,13 +54,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Load the model and serve until interrupted; 2 = setup error."""
     args = build_parser().parse_args(argv)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    try:
-        import fastapi  # noqa: F401
-        import multipart  # noqa: F401
-        import uvicorn
-    except ImportError as e:
-        print(f"error: vild-serve needs FastAPI, uvicorn and python-multipart ({e}): pip install 'vild[serve]'",
-              file=sys.stderr)
+    missing = [name for name, module in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"),
+                                         ("python-multipart", "python_multipart"))
+               if importlib.util.find_spec(module) is None
+               and not (module == "python_multipart" and importlib.util.find_spec("multipart"))]  # before 0.0.13
+    if missing:
+        print(f"error: vild-serve needs {', '.join(missing)}: pip install 'vild[serve]'", file=sys.stderr)
         return 2
     weights = Path(args.weights)
     if not weights.is_file():
@@ -76,6 +70,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"warning: listening on {args.host} without an API key: anyone who reaches this port can use the "
               f"model; pass --api-key or set ${API_KEY_ENV}", file=sys.stderr)
     import torch
+    import uvicorn
 
     from ..api import Detector, default_score_thresh
     from .app import create_app
