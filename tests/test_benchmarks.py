@@ -155,7 +155,7 @@ def test_serve_load_benchmark_answers_every_request(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads(out.read_text())
-    assert set(res["requests_per_s"]) == {"one_at_a_time", "unbatched_4", "batched_4"}
+    assert set(res["requests_per_s"]) == {"one_at_a_time", "one_at_a_time_batching", "unbatched_4", "batched_4"}
     assert all(_finite(v) for v in res["requests_per_s"].values())
     assert res["below_queue_bound"] == {"errors": 0, "lost": 0, "non_200": 0}
     overload = res["overload"]

@@ -71,16 +71,21 @@ def test_max_batch_splits_a_group(busy):
     assert [items for _, items in rec.calls] == [["first"], [0, 1], [2, 3], [4]]
 
 
-def test_a_job_waits_up_to_max_wait_for_company_and_no_longer(make):
+def test_a_job_waits_for_announced_company_up_to_max_wait_and_a_lone_job_not_at_all(make):
     rec = Recorder()
     b = make(rec, max_batch=8, max_wait=0.3)
     t0 = time.monotonic()
-    f1 = b.submit(1, "A")
-    time.sleep(0.05)
-    f2 = b.submit(2, "A")  # within the first one's wait: joins its batch
-    assert f1.result(5) == "A:1" and f2.result(5) == "A:2"
-    assert 0.25 <= time.monotonic() - t0 < 2.0
-    assert rec.calls == [("A", [1, 2])]
+    assert b.submit(0, "A").result(5) == "A:0"
+    assert time.monotonic() - t0 < 0.15, "nothing else on its way: no reason to wait"
+    with b.incoming():  # one request being read: the next batch waits for it
+        t0 = time.monotonic()
+        f1 = b.submit(1, "A")
+        time.sleep(0.05)
+        with b.incoming():
+            f2 = b.submit(2, "A")  # arrives within the wait: joins the batch
+        assert f1.result(5) == "A:1" and f2.result(5) == "A:2"
+        assert 0.25 <= time.monotonic() - t0 < 2.0, "an announced request that never comes is waited for max_wait"
+    assert rec.calls == [("A", [0]), ("A", [1, 2])]
 
 
 def test_past_the_queue_bound_submit_raises_overloaded_with_retry_after(busy):

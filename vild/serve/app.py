@@ -56,7 +56,8 @@ def create_app(detector: Detector, limits: Optional[Limits] = None, *, max_batch
             Only the batcher's worker thread uses it once the app runs.
         limits: what one request may ask (``Limits()`` by default).
         max_batch: the most images per forward pass.
-        max_wait: seconds a request may wait for others (with the same vocabulary) to share its pass.
+        max_wait: seconds a request may wait for others (with the same vocabulary) to share its pass; it
+            waits only while other requests are being read.
         max_queue: the most requests waiting; more get 503 with Retry-After.
         timeout: seconds a request waits for its answer before a 503.
         api_key: when given, ``/detect`` and ``/info`` need ``Authorization: Bearer KEY`` (or ``X-API-Key``).
@@ -106,9 +107,10 @@ def create_app(detector: Detector, limits: Optional[Limits] = None, *, max_batch
               responses={200: {"model": DetectResponse}, **_ERRORS})
     async def detect(request: Request) -> JSONResponse:
         """Detect the vocabulary's categories in an image (multipart upload, or JSON with a base64 image)."""
-        req = await read_detect_request(request, limits, detector.score_thresh,
-                                        min(detector.max_dets, limits.max_detections), decode)
-        future = batcher.submit(req, req.vocabulary)
+        with batcher.incoming():  # a batch forming now waits for this request (up to max_wait)
+            req = await read_detect_request(request, limits, detector.score_thresh,
+                                            min(detector.max_dets, limits.max_detections), decode)
+            future = batcher.submit(req, req.vocabulary)
         try:
             result = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
         except asyncio.TimeoutError:

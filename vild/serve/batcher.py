@@ -1,6 +1,7 @@
 """Dynamic batching: requests that arrive close together go through the model in one forward pass."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -8,7 +9,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Optional, Sequence
+from typing import Any, Callable, Hashable, Iterator, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ class DynamicBatcher:
             result per item, in order. It runs on the worker thread only, so it may keep state (a model's
             current vocabulary) between calls.
         max_batch: the most items per call.
-        max_wait: seconds the oldest waiting job may wait for others of its group to join its batch.
+        max_wait: seconds the oldest waiting job may wait for others of its group to join its batch; it waits
+            only while requests are announced (``incoming``): a lone request leaves at once.
         max_queue: the most jobs waiting (the batch being run does not count); ``submit`` past it raises
             ``Overloaded``.
 
@@ -59,6 +61,7 @@ class DynamicBatcher:
         self._thread: Optional[threading.Thread] = None
         self._closed = False
         self._running = 0  # jobs in the batch being run
+        self._incoming = 0  # requests being read and decoded: the next batch may wait for them
         self._batch_seconds = 0.0  # running mean of a batch's time, for Retry-After
         self.batches = 0
         self.items = 0
@@ -74,6 +77,18 @@ class DynamicBatcher:
         """Jobs in the batch on the model now."""
         with self._cond:
             return self._running
+
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Announce a request on its way (being read and decoded; ``submit`` it inside the block)."""
+        with self._cond:
+            self._incoming += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._incoming -= 1
+                self._cond.notify_all()
 
     def start(self) -> None:
         """Start the worker thread (``submit`` does this too)."""
@@ -124,7 +139,7 @@ class DynamicBatcher:
             while True:
                 same = [j for j in self._pending if j.group == head.group][:self.max_batch]
                 wait = deadline - time.monotonic()
-                if len(same) >= self.max_batch or wait <= 0 or self._closed:
+                if len(same) >= self.max_batch or wait <= 0 or self._closed or not self._incoming:
                     break
                 self._cond.wait(wait)
             taken = set(map(id, same))
