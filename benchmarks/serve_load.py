@@ -125,6 +125,11 @@ class ServerProcess:
         finally:
             conn.close()
 
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used so far (user + system, all its threads)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def log(self) -> str:
         """What the server printed."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -205,10 +210,11 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
-def _batches(server: ServerProcess, before: dict) -> dict:
+def _batches(server: ServerProcess, before: dict, cpu_before: float) -> dict:
     after = server.get("/healthz")
     batches, images = after["batches"] - before["batches"], after["images"] - before["images"]
-    return {"forward_passes": batches, "mean_batch": round(images / batches, 2) if batches else 0.0}
+    return {"forward_passes": batches, "mean_batch": round(images / batches, 2) if batches else 0.0,
+            "server_cpu_ms_per_image": round(1000 * (server.cpu_seconds() - cpu_before) / images, 2) if images else 0.0}
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> list[bytes]:
@@ -253,16 +259,17 @@ def main(argv: Optional[list[str]] = None) -> None:
             runs: dict[str, list[dict]] = {name: [] for name, _, _ in phases}
             for r in range(a.repeats):
                 for name, server, clients in phases:
-                    before, load = server.get("/healthz"), os.getloadavg()[0]
+                    before, load, cpu = server.get("/healthz"), os.getloadavg()[0], server.cpu_seconds()
                     res = run_phase(server.port, clients, a.requests, bodies, a.phase_timeout)
-                    res.update(_batches(server, before), loadavg_1min_before=round(load, 2))
+                    res.update(_batches(server, before, cpu), loadavg_1min_before=round(load, 2))
                     runs[name].append(res)
                     log(f"{name} (repeat {r + 1}): {res['requests_per_s']} req/s, p50 "
-                        f"{res['latency_ms']['p50'] if res['latency_ms'] else '-'} ms, mean batch {res['mean_batch']}"
+                        f"{res['latency_ms']['p50'] if res['latency_ms'] else '-'} ms, mean batch {res['mean_batch']}, "
+                        f"server CPU {res['server_cpu_ms_per_image']} ms/image"
                         f", statuses {res['statuses']}, failures {res['failures']}")
-            before = small.get("/healthz")
+            before, cpu = small.get("/healthz"), small.cpu_seconds()
             overload = run_phase(small.port, max(counts), a.requests, bodies, a.phase_timeout)
-            overload.update(_batches(small, before), max_queue=a.overload_queue)
+            overload.update(_batches(small, before, cpu), max_queue=a.overload_queue)
             log(f"overload: statuses {overload['statuses']}, failures {overload['failures']}, lost {overload['lost']}")
         result = summarize(a, runs, overload)
         write_result(a.out, result, _cpu())
@@ -282,6 +289,7 @@ def summarize(a: argparse.Namespace, runs: dict[str, list[dict]], overload: dict
     over_unbatched = {k: ratios(k, f"unbatched_{k.split('_')[1]}") for k in batched
                       if f"unbatched_{k.split('_')[1]}" in rate}
     med = {k: round(statistics.median(v), 3) for k, v in over_single.items()}
+    cpu = {k: statistics.median(r["server_cpu_ms_per_image"] for r in rs) for k, rs in runs.items()}
     below_bound = [r for rs in runs.values() for r in rs]
     return {
         "what": "vild-serve on 127.0.0.1: requests/s and latency of POST /detect (multipart PNG upload)",
@@ -290,6 +298,10 @@ def summarize(a: argparse.Namespace, runs: dict[str, list[dict]], overload: dict
                    "max_queue": 64, "device": "cpu"},
         "requests_per_phase": a.requests, "repeats": a.repeats,
         "requests_per_s": {k: round(v, 2) for k, v in rate.items()},
+        # CPU the server spent per answered image: what a phase costs, whatever else runs on the machine
+        "server_cpu_ms_per_image": cpu,
+        "server_cpu_one_at_a_time_over_phase": {k: round(cpu["one_at_a_time"] / v, 3) for k, v in cpu.items()
+                                                if k != "one_at_a_time" and v},
         "latency_ms_p50": {k: statistics.median(r["latency_ms"]["p50"] for r in rs) for k, rs in runs.items()},
         "latency_ms_p99": {k: statistics.median(r["latency_ms"]["p99"] for r in rs) for k, rs in runs.items()},
         "ratio_over_one_at_a_time": med,
