@@ -100,6 +100,7 @@ def test_requests_with_other_settings_in_one_batch_get_their_own_answers(det, pn
         assert got.names == alone.names
         torch.testing.assert_close(got.boxes, alone.boxes, atol=1e-3, rtol=0)
         torch.testing.assert_close(got.scores, alone.scores, atol=1e-4, rtol=0)
+    assert (det.score_thresh, det.max_dets) == (0.3, 100)  # per-call settings leave the detector's own alone
 
 
 def test_concurrent_requests_share_a_forward_pass_per_vocabulary(det, pngs, monkeypatch):
