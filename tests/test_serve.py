@@ -104,24 +104,30 @@ def test_requests_with_other_settings_in_one_batch_get_their_own_answers(det, pn
 
 
 def test_concurrent_requests_share_a_forward_pass_per_vocabulary(det, pngs, monkeypatch):
-    sizes = []
+    sizes, gate = [], threading.Event()
     predict = det.predict
 
     def counting(images, *a, **k):
+        assert gate.wait(30)
         sizes.append(len(images))
         return predict(images, *a, **k)
 
     monkeypatch.setattr(det, "predict", counting)
-    app = create_app(det, max_batch=4, max_wait=2.0)  # a long wait: a full batch leaves at once, not after it
+    app = create_app(det, max_batch=4)
     vocabs = {0: "star,heart", 1: "ring,arrow"}
-    with TestClient(app) as c, ThreadPoolExecutor(8) as pool:
-        t0 = time.monotonic()
-        futures = [pool.submit(upload, c, pngs[i % 6], vocabs[i % 2]) for i in range(8)]
-        answers = [f.result(30) for f in futures]
-        elapsed = time.monotonic() - t0
+    try:
+        with TestClient(app) as c, ThreadPoolExecutor(9) as pool:
+            first = pool.submit(upload, c, pngs[0], "circle")  # holds the model while the others queue up
+            wait_until(lambda: app.state.batcher.running == 1)
+            futures = [pool.submit(upload, c, pngs[i % 6], vocabs[i % 2]) for i in range(8)]
+            wait_until(lambda: app.state.batcher.queued == 8)
+            gate.set()
+            answers = [f.result(30) for f in futures]
+            assert first.result(30).status_code == 200
+    finally:
+        gate.set()
     assert all(r.status_code == 200 for r in answers)
-    assert sorted(sizes) == [4, 4], f"8 requests, 2 vocabularies, batches of 4: got passes of {sizes}"
-    assert elapsed < 2.0, "full batches must not wait out max_wait"
+    assert sizes == [1, 4, 4], f"8 queued requests, 2 vocabularies, batches of 4: got passes of {sizes}"
     for i, r in enumerate(answers):
         assert r.json()["vocabulary"] == vocabs[i % 2].split(",")
         assert {d["label"] for d in r.json()["detections"]} <= set(vocabs[i % 2].split(","))
