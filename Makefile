@@ -10,7 +10,7 @@ export DISK_CHECK := import shutil, sys; free = shutil.disk_usage("$(VENV)").fre
     MIN_FREE_GIB=$(MIN_FREE_GIB): a venv with torch takes about 6 GiB; free some space (old clones, venvs, /tmp) \
     or set VENV=/a/larger/disk/venv")
 
-.PHONY: setup test test-oldest test-gpu gpu-wheels demo demo-fast bench clean
+.PHONY: setup test test-browser test-oldest test-gpu gpu-wheels demo demo-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,15 @@ $(VENV)/.installed: pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# the vild-serve page in a real browser: Debian's chromium (from apt: playwright's own browser downloads are
+# not needed) driven by playwright; `make test` skips this test when either is missing
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-browser: setup
+	@command -v chromium >/dev/null || { echo "installing Debian's chromium (apt-get)"; \
+	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+	@$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install -q "playwright>=1.40"
+	VILD_BROWSER_TEST=1 $(PY) -m pytest -q tests/test_serve_browser.py
 
 # the suite on the oldest Python and torch vild supports, in its own venv (PyPI's CUDA build of torch:
 # about 2.5 GB to download)

@@ -158,3 +158,22 @@ def test_onnx_speed_benchmark_runs(tmp_path):
     assert all(_finite(v) for v in demo["images_per_s"].values()) and demo["same_labels_on_4_images"]
     # importing onnxruntime (1.32) writes a 51-byte session-id file, .ses, into TMPDIR: one, rewritten each time
     assert not [n for n in _left_behind(env) if n != ".ses"]
+
+
+def test_serve_load_benchmark_answers_every_request(tmp_path):
+    """benchmarks/serve_load.py at toy sizes: three servers on 127.0.0.1, every request answered, nothing left."""
+    pytest.importorskip("fastapi")
+    out = tmp_path / "serve.json"
+    env = _scratch_env(tmp_path)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--requests", "12",
+                           "--images", "2", "--repeats", "1", "--clients", "4", "--overload-queue", "1",
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res["requests_per_s"]) == {"one_at_a_time", "one_at_a_time_batching", "unbatched_4", "batched_4"}
+    assert all(_finite(v) for v in res["requests_per_s"].values())
+    assert res["below_queue_bound"] == {"errors": 0, "lost": 0, "non_200": 0}
+    overload = res["overload"]
+    assert (overload["answered"], overload["failures"], overload["lost"]) == (12, 0, 0)
+    assert overload["statuses"].get("503", 0) == overload["503_with_retry_after"]  # every 503 says when to retry
+    assert not _left_behind(env)  # the servers' folder, images and caches are removed

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = {"vild-detect", "vild-train", "vild-precompute", "vild-demo", "vild-export", "vild-embed"}
+SCRIPTS = {"vild-detect", "vild-train", "vild-precompute", "vild-demo", "vild-export", "vild-embed",
+           "vild-serve"}
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,7 @@ def test_wheel_ships_configs_data_and_console_scripts(installed):
     assert shipped and shipped <= names, f"configs missing from the wheel: {sorted(shipped - names)}"
     assert "vild/data/lvis_v1_names.txt" in names
     assert "vild/teacher/model_configs/vild-tiny-clip.json" in names
+    assert {f"vild/serve/static/{f}" for f in ("index.html", "app.js", "style.css")} <= names  # the page
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(installed["wheel"]).read(entry_points).decode()
     assert SCRIPTS <= {line.split("=")[0].strip() for line in text.splitlines() if "=" in line}

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -106,6 +107,7 @@ class Detector:
     as the COCO/LVIS evaluation does, so that one box may carry several labels. With
     ``reference_vocabulary`` (default) the training categories the vocabulary leaves out still compete
     for each region, hidden: a region showing one of them is not forced onto the nearest name asked for.
+    ``text_cache_size`` bounds the text embeddings kept in memory (least recently used vocabularies go first).
     """
 
     def __init__(self, model: torch.nn.Module, teacher: CLIPTeacher, cfg: CfgNode,
@@ -113,7 +115,7 @@ class Detector:
                  vocabulary: Optional[VocabLike] = None, score_thresh: Optional[float] = None,
                  max_dets: Optional[int] = None, batch_size: int = 4, per_class_nms: bool = False,
                  reference_vocabulary: bool = True, objectness_weight: Optional[float] = None,
-                 centering: Optional[float] = None):
+                 centering: Optional[float] = None, text_cache_size: int = 64):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.teacher, self.cfg = teacher, cfg
@@ -131,7 +133,8 @@ class Detector:
         # a subclass may have set them already (an exported model carries them)
         self._training_embeddings: Optional[torch.Tensor] = getattr(self, "_training_embeddings", None)
         self._train_keys = {_key(s) for syns in self.training_vocabulary for s in syns}
-        self._emb_cache: dict[str, torch.Tensor] = {}
+        self.text_cache_size = int(text_cache_size)
+        self._emb_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._vocab: list[list[str]] = []
         self._base_mask: list[bool] = []
         if vocabulary is not None or self.training_vocabulary:
@@ -213,7 +216,10 @@ class Detector:
         emb = self._emb_cache.get(key)
         if emb is None:
             emb = self.teacher.encode_text(vocab)
-            self._emb_cache[key] = emb
+        self._emb_cache[key] = emb
+        self._emb_cache.move_to_end(key)
+        while len(self._emb_cache) > max(1, self.text_cache_size):
+            self._emb_cache.popitem(last=False)
         base = [any(_key(s) in self._train_keys for s in syns) for syns in vocab]
         reference = self._reference_embeddings(vocab)
         self.model.set_vocabulary(emb.to(self.device), torch.tensor(base, dtype=torch.bool),
@@ -250,26 +256,31 @@ class Detector:
         return results[0] if single else results
 
     @torch.no_grad()  # not inference_mode: results must stay ordinary tensors that callers may edit in place
-    def predict(self, images: list[torch.Tensor], sources: Optional[list[Optional[str]]] = None
-                ) -> list[DetectionResult]:
-        """One forward pass over uint8 RGB tensors [3, H, W]; returns a result per image."""
+    def predict(self, images: list[torch.Tensor], sources: Optional[list[Optional[str]]] = None, *,
+                score_thresh: Optional[float] = None, max_dets: Optional[int] = None) -> list[DetectionResult]:
+        """One forward pass over uint8 RGB tensors [3, H, W]; returns a result per image.
+
+        ``score_thresh`` and ``max_dets`` override the detector's settings for this call only.
+        """
+        score_thresh = self.score_thresh if score_thresh is None else float(score_thresh)
+        max_dets = self.max_dets if max_dets is None else int(max_dets)
         if not self._vocab:
             raise RuntimeError('no vocabulary: call detector.set_vocabulary("cat,dog") first')
-        if self.max_dets < 1:
-            raise ValueError(f"max_dets is {self.max_dets}: keep at least 1 detection per image")
+        if max_dets < 1:
+            raise ValueError(f"max_dets is {max_dets}: keep at least 1 detection per image")
         if sources is not None and len(sources) != len(images):
             raise ValueError(f"{len(images)} images but {len(sources)} sources: pass one source (or None) per image")
         if not images:
             return []
         # thresholding inside the model spares the mask head the detections that would be dropped
-        settings = dataclasses.replace(self.model.roi_heads.test_settings, score_thresh=self.score_thresh,
-                                       max_dets=self.max_dets, class_agnostic=not self.per_class_nms,
+        settings = dataclasses.replace(self.model.roi_heads.test_settings, score_thresh=score_thresh,
+                                       max_dets=max_dets, class_agnostic=not self.per_class_nms,
                                        objectness_weight=self.objectness_weight, centering=self.centering)
         outputs = self.model([im.to(self.device) for im in images], settings=settings)
         names = self.names
         results = []
         for im, out, src in zip(images, outputs, sources or [None] * len(images)):
-            keep = torch.nonzero(out["scores"] >= self.score_thresh).squeeze(1)[:self.max_dets]
+            keep = torch.nonzero(out["scores"] >= score_thresh).squeeze(1)[:max_dets]
             if len(keep) < len(out["scores"]):  # the model thresholds already: usually nothing to drop, and
                 out = {k: v[keep] for k, v in out.items()}  # indexing would copy masks of [n, H, W] bytes
             labels = out["labels"].cpu()

@@ -1,5 +1,5 @@
 """Console entry points of an installed vild: ``vild-detect``, ``vild-train``, ``vild-precompute``, ``vild-demo``,
-``vild-export``, ``vild-embed``.
+``vild-export``, ``vild-embed``, ``vild-serve``.
 
 Each returns the process exit status; ``tools/*.py`` in a checkout call the same functions.
 """
@@ -28,6 +28,13 @@ def embed(argv: list[str] | None = None) -> int:
     from .deploy.cli import embed_main
 
     return embed_main(argv)
+
+
+def serve(argv: list[str] | None = None) -> int:
+    """``vild-serve --weights model.pth``: the HTTP API and web page; see ``vild.serve.cli``."""
+    from .serve.cli import main
+
+    return main(argv)
 
 
 def train(argv: list[str] | None = None) -> int:

@@ -1,9 +1,10 @@
 """Robust image reading: any file PIL can open becomes a uint8 RGB tensor [3, H, W], or a clear error."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
-from typing import Union
+from typing import IO, Optional, Union
 
 import numpy as np
 import torch
@@ -23,17 +24,33 @@ def read_image(path: Union[str, os.PathLike]) -> torch.Tensor:
     p = Path(path)
     if not p.is_file():
         raise ImageReadError(p, "not found" if not p.exists() else "not a file")
+    return _decode(p, p)
+
+
+def decode_image(data: bytes, name: str = "image", max_pixels: Optional[int] = None) -> torch.Tensor:
+    """Decode an encoded image (PNG, JPEG, ...) held in memory as uint8 RGB [3, H, W]; raises ImageReadError.
+
+    With ``max_pixels``, a larger image is refused (reason "too many pixels") from its header, before decoding.
+    """
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source: Union[Path, IO[bytes]], name: Union[str, os.PathLike], max_pixels: Optional[int] = None
+            ) -> torch.Tensor:
     try:
-        with Image.open(p) as img:
+        with Image.open(source) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise ImageReadError(name, "too many pixels", f"{img.width}x{img.height} = "
+                                     f"{img.width * img.height} pixels; the limit is {max_pixels}")
             img.load()  # PIL opens lazily: decoding errors (truncation) only surface here
             return pil_to_tensor(img)
     except UnidentifiedImageError:
-        raise ImageReadError(p, "not an image") from None
+        raise ImageReadError(name, "not an image") from None
     except Image.DecompressionBombError as e:  # not an OSError: it would end a whole folder's run
-        raise ImageReadError(p, "too large", str(e).splitlines()[0][:200]) from None
+        raise ImageReadError(name, "too large", str(e).splitlines()[0][:200]) from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL reports broken data as any of these
         reason = "truncated" if "truncated" in str(e) else "corrupt"
-        raise ImageReadError(p, reason, str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
+        raise ImageReadError(name, reason, str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

@@ -75,6 +75,8 @@ class CLIPTeacher(nn.Module):
 
     ``pretrained`` is an open_clip tag, a local weights file, or ""/None for random
     weights (tests, synthetic experiments). Outputs are float32 on the CPU.
+    Text embeddings are cached as files in ``cache_dir``; with ``write_cache = False`` existing files are
+    still read but no new ones are written (a server, whose requests choose the names, sets that).
     """
 
     def __init__(self, model_name: str, pretrained: Optional[str], device: Union[str, torch.device] = "cpu",
@@ -94,6 +96,7 @@ class CLIPTeacher(nn.Module):
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.crop_scales = tuple(float(s) for s in crop_scales)
         self.batch_size = int(batch_size)
+        self.write_cache = True
         self.cache_hits = 0
         self.cache_misses = 0
         self._sha256: Optional[str] = None
@@ -171,6 +174,8 @@ class CLIPTeacher(nn.Module):
                 warnings.warn(f"ignoring corrupt text-embedding cache {path}: {e}")
         self.cache_misses += 1
         emb = self._encode_vocab(vocab)
+        if not self.write_cache:
+            return emb
         try:
             atomic_save(emb, path)
         except OSError as e:  # a cache is an optimisation: an unwritable folder costs time, not the run
