@@ -171,10 +171,6 @@ class ProposalStoreWriter:
         self._sync("boxes", "embeds", "count")
         self._set_flags([slot for slot, _, _ in records], True)
 
-    def done(self, image_id: int) -> bool:
-        """Whether ``image_id`` has a committed record."""
-        return self._committed(self._slot[int(image_id)])
-
     def _committed(self, slot: int) -> bool:
         return os.pread(self._fd["valid"], 1, slot) == b"\x01"
 

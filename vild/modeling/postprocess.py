@@ -101,11 +101,6 @@ def _paste_weights_t(lo: torch.Tensor, hi: torch.Tensor, size: int, length: int)
     return d.abs_().neg_().add_(1.0).clamp_min_(0.0)
 
 
-def _paste_weights(lo: torch.Tensor, hi: torch.Tensor, size: int, length: int) -> torch.Tensor:
-    """Bilinear weights [n, length, size] mapping a mask axis of ``size`` cells onto pixels [0, length)."""
-    return _paste_weights_t(lo, hi, size, length).transpose(1, 2)
-
-
 # the float images of one chunk: 64 images of 1024x1024 take 256 MiB; a 24-megapixel photo takes 2 per chunk
 # (a fixed 64 took 6 GB there)
 CHUNK_BYTES = 256 * 2 ** 20

@@ -1,7 +1,6 @@
 """Process-group helpers that degrade to no-ops in a single process."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -20,11 +19,6 @@ def get_world_size() -> int:
 def get_rank() -> int:
     """Global rank of this process (0 without a group)."""
     return dist.get_rank() if _dist_on() else 0
-
-
-def get_local_rank() -> int:
-    """Rank within this machine, from LOCAL_RANK as set by torchrun (0 otherwise)."""
-    return int(os.environ.get("LOCAL_RANK", 0)) if _dist_on() else 0
 
 
 def is_main_process() -> bool:
