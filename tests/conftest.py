@@ -69,12 +69,22 @@ def one_thread():
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """A tiny ViLD checkpoint with a saved micro teacher (see tests/test_api.py)."""
-    from test_api import make_checkpoint
+    from helpers import make_checkpoint
     return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict:
     """Test images of every awkward kind (see tests/test_api.py)."""
-    from test_api import write_test_images
+    from helpers import write_test_images
     return write_test_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    """A fixed micro teacher saved to disk, so every process (and torchrun rank) loads the same weights."""
+    from vild.teacher import CLIPTeacher
+    d = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    CLIPTeacher("vild-test-micro", "", templates="simple").save_weights(d / "teacher.pt")
+    return d

@@ -2,9 +2,7 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -12,66 +10,15 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from vild import Detector
-from vild.config import load_config
-from vild.engine.trainer import save_training_checkpoint
 from vild.io import ImageReadError, read_image, to_image_tensor
-from vild.modeling import build_model
 from vild.teacher import CLIPTeacher
 from vild.teacher.clip_teacher import sha256_file
 from vild.visualize import text_color
 from vild.vocab_presets import get_preset
 
+from helpers import TRAIN_VOCAB, make_checkpoint, scene  # noqa: E402,F401
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TRAIN_VOCAB = [["circle"], ["square", "box"], ["triangle"]]
-
-
-def make_checkpoint(folder: Path, name: str = "model_final.pth", relative_teacher: bool = False, seed: int = 0) -> Path:
-    """A tiny random ViLD checkpoint whose micro CLIP teacher is saved beside it (stable, hashable weights)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = load_config("tiny_test.yaml", ["TEACHER.CACHE_DIR", str(folder / "cache")])
-    torch.manual_seed(seed)
-    CLIPTeacher.from_config(cfg).save_weights(folder / "teacher.pt")
-    cfg.TEACHER.PRETRAINED = "teacher.pt" if relative_teacher else str(folder / "teacher.pt")
-    identity = {"model": cfg.TEACHER.MODEL, "pretrained": str(folder / "teacher.pt"),
-                "sha256": sha256_file(folder / "teacher.pt")}
-    save_training_checkpoint(folder / name, cfg, build_model(cfg), None, 20, identity, TRAIN_VOCAB)
-    return folder / name
-
-
-def scene(h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:
-    """An H×W×3 uint8 RGB picture: noise plus two solid shapes."""
-    rng = np.random.default_rng(seed)
-    a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    a[5:25, 5:25] = (220, 30, 30)
-    cv2.circle(a, (w - 18, h - 18), 12, (30, 30, 220), -1)
-    return a
-
-
-def write_test_images(folder: Path) -> dict:
-    """Good and bad image files of every kind the reader must handle; returns name → path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    p = {k: folder / k for k in ("color.png", "exif.jpg", "gray.png", "rgba.png", "deep.png", "truncated.jpg",
-                                 "notes.jpg")}
-    Image.fromarray(scene()).save(p["color.png"])
-    exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
-    Image.fromarray(scene(32, 64, seed=1)).save(p["exif.jpg"], exif=exif)
-    Image.fromarray(scene(seed=2)[..., 0]).save(p["gray.png"])
-    rgba = np.zeros((48, 64, 4), np.uint8)
-    rgba[:, :32] = (255, 0, 0, 0)  # fully transparent red: must come out white
-    rgba[:, 32:] = (0, 200, 0, 255)
-    Image.fromarray(rgba).save(p["rgba.png"])
-    deep = np.zeros((48, 64), np.uint16)
-    deep[:, :32], deep[:, 32:] = 65535, 100 * 257
-    Image.fromarray(deep).save(p["deep.png"])
-    Image.fromarray(scene(seed=3)).save(folder / "full.jpg")
-    data = (folder / "full.jpg").read_bytes()
-    p["truncated.jpg"].write_bytes(data[: len(data) // 2])
-    (folder / "full.jpg").unlink()
-    p["notes.jpg"].write_text("not a picture\n")
-    return p
-
 
 @pytest.fixture
 def det(ckpt) -> Detector:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from test_api import scene  # noqa: E402
+from helpers import scene  # noqa: E402
 
 from vild.detect_cli import main
 

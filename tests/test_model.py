@@ -4,37 +4,12 @@ import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import batched_nms
 
-from vild.config import load_config
-from vild.modeling import build_model, ensemble_scores
+from vild.modeling import ensemble_scores
 from vild.modeling.losses import box_regression_loss, distillation_loss
 from vild.modeling.postprocess import paste_masks, select_detections
 
-DIM = 32
-
-
-def tiny_model(variant="vild", **overrides):
-    opts = ["MODEL.VILD.VARIANT", variant]
-    for k, v in overrides.items():
-        opts += [k, str(v)]
-    torch.manual_seed(0)
-    return build_model(load_config("tiny_test.yaml", opts))
-
-
-def scene(h=96, w=160, seed=0):
-    """One image with two coloured rectangles, plus its target."""
-    g = torch.Generator().manual_seed(seed)
-    img = (torch.rand(3, h, w, generator=g) * 60).to(torch.uint8)
-    boxes = torch.tensor([[20.0, 10.0, 70.0, 50.0], [90.0, 40.0, 150.0, 90.0]])
-    masks = torch.zeros(2, h, w, dtype=torch.uint8)
-    for i, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
-        masks[i, y0:y1, x0:x1] = 1
-        img[i, y0:y1, x0:x1] = 230
-    target = {"boxes": boxes, "labels": torch.tensor([0, 1]), "masks": masks}
-    return img, target
-
-
-def vocab(k=3, seed=1):
-    return F.normalize(torch.randn(k, DIM, generator=torch.Generator().manual_seed(seed)), dim=-1)
+from helpers import DIM, tiny_model, vocab  # noqa: E402
+from helpers import model_scene as scene  # noqa: E402
 
 
 def train(model, steps, images, targets, lr=0.02):

@@ -105,7 +105,7 @@ def test_bad_json_stops_train_net_with_one_line(tmp_path):
 
 def test_mask_loss_comes_only_from_annotations_with_a_segmentation(one_thread):
     """A mixed dataset: the mask of a box-only annotation (flagged by mask_valid) never reaches the loss."""
-    from test_model import scene, tiny_model, vocab
+    from helpers import model_scene as scene, tiny_model, vocab
     model = tiny_model("text").train()
     model.set_vocabulary(vocab(), None)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train_net import resumed_at
+from helpers import resumed_at
 
 from vild.data import ProposalStore
 from vild.engine.checkpoint import load_checkpoint

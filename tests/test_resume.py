@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from test_train_net import resumed_at, teacher_file, world_opts  # noqa: F401  (teacher_file: a module fixture)
+from helpers import resumed_at, world_opts
 
 from vild.engine.checkpoint import load_checkpoint
 from vild.engine.launch import main as train_main

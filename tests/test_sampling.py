@@ -1,6 +1,6 @@
 """Batched RoI matching and fg/bg sampling against torchvision's per-image Matcher and sampler."""
 import torch
-from test_model import tiny_model
+from helpers import tiny_model
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import box_iou
 

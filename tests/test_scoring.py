@@ -4,21 +4,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou, nms
 
-from vild.config import load_config
 from vild.evaluation.matching import MatchCounts, match_image
-from vild.modeling import build_model
 from vild.modeling.classifier import TextClassifier
 from vild.modeling.postprocess import DetectionSettings, select_detections
 
-DIM = 32
-
-
-def tiny_model(variant="vild", **overrides):
-    opts = ["MODEL.VILD.VARIANT", variant]
-    for k, v in overrides.items():
-        opts += [k, str(v)]
-    torch.manual_seed(0)
-    return build_model(load_config("tiny_test.yaml", opts))
+from helpers import DIM, tiny_model  # noqa: E402
 
 
 def random_boxes(n, seed=0):

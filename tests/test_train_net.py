@@ -1,7 +1,6 @@
 """End to end through tools/train_net.py: train, checkpoint, resume, evaluate, 2-process torchrun, store precompute."""
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -17,39 +16,7 @@ from vild.engine.launch import main as train_main
 from vild.engine.precompute import main as precompute_main
 
 
-
-def world_opts(world, out_dir, variant="text", max_iter=4, **extra):
-    """Config overrides that train the tiny model on the session's synthetic world (LVIS format)."""
-    custom = {
-        "synth_train": {"JSON": world["lvis_train"], "IMAGES": world["images_train"], "TYPE": "lvis", "SPLIT": "lvis"},
-        "synth_val": {"JSON": world["lvis_val"], "IMAGES": world["images_val"], "TYPE": "lvis", "SPLIT": "lvis"},
-    }
-    opts = {
-        "DATASETS.CUSTOM": custom, "DATASETS.TRAIN": ["synth_train"], "DATASETS.TEST": ["synth_val"],
-        "MODEL.VILD.VARIANT": variant, "SOLVER.MAX_ITER": max_iter, "SOLVER.CHECKPOINT_PERIOD": 2,
-        "SOLVER.LOG_PERIOD": 1, "OUTPUT_DIR": str(out_dir), "TEACHER.CACHE_DIR": str(out_dir.parent / "cache"),
-        "TEACHER.PRETRAINED": str(out_dir.parent / "teacher.pt"),
-        **extra,
-    }
-    flat = []
-    for k, v in opts.items():
-        flat += [k, repr(v) if not isinstance(v, str) else v]
-    return flat
-
-
-def resumed_at(out: Path) -> list[int]:
-    """The iteration each resumed run of OUTPUT_DIR said it continued from (its log.txt), in order."""
-    return [int(m) for m in re.findall(r"resuming from \S+ at iteration (\d+)", (out / "log.txt").read_text())]
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    """A fixed micro teacher saved to disk, so every process (and torchrun rank) loads the same weights."""
-    from vild.teacher import CLIPTeacher
-    d = tmp_path_factory.mktemp("train")
-    torch.manual_seed(0)
-    CLIPTeacher("vild-test-micro", "", templates="simple").save_weights(d / "teacher.pt")
-    return d
+from helpers import resumed_at, world_opts  # noqa: E402,F401
 
 
 def test_train_eval_and_outputs(world, teacher_file):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_api import make_checkpoint, scene
-from test_train_net import resumed_at, teacher_file, world_opts  # noqa: F401 (teacher_file is a fixture)
+from helpers import make_checkpoint, scene
+from helpers import resumed_at, world_opts
 from torchvision.ops import box_iou
 
 from vild import Detector
@@ -156,7 +156,7 @@ def test_batched_rpn_and_roi_sampling_on_cuda_match_the_cpu():
                                                 torch.randn(lab_g.numel(), 4, device="cuda"))
     assert torch.isfinite(obj) and torch.isfinite(box)
 
-    from test_model import tiny_model
+    from helpers import tiny_model
     heads = tiny_model().roi_heads.cuda()
     g = _boxes(4, seed=10)
     out = heads.sample_rois([_near(g, 150, 0).cuda(), _boxes(90, seed=5).cuda()],
