@@ -62,14 +62,14 @@ def r50_figure(work: Path, args) -> dict:
     """ViLD R50-FPN, random weights, 1203 categories: ViLD(images) vs OnnxModel(images), batch 1."""
     from vild.deploy import export_detector
     from vild.deploy.runner import OnnxModel
-    from vild.deploy.text import ort_session, session_metadata
+    from vild.deploy.text import open_graph, graph_metadata
 
     model = build_vild(args.size, torch.device("cpu"), num_classes=LVIS_CLASSES)
     cfg = vild_config(args.size)
     path = export_detector(model, work / "r50.onnx", cfg)
     log(f"exported R50 ({path.stat().st_size / 2 ** 20:.0f} MiB)")
-    session = ort_session(path, threads=args.threads)
-    onnx_model = OnnxModel(session, session_metadata(session, path, "vild-detector-onnx-1"))
+    runtime = open_graph(path, threads=args.threads)
+    onnx_model = OnnxModel(runtime, graph_metadata(runtime, path, "vild-detector-onnx-1"))
     emb = random_text_embeddings(LVIS_CLASSES, model.embed_dim)
     onnx_model.set_vocabulary(emb)
     model.set_vocabulary(emb)

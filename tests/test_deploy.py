@@ -123,9 +123,9 @@ def test_ensemble_export_takes_base_mask(tmp_path):
 
 
 def _session(path):
-    from vild.deploy.text import ort_session, session_metadata
-    s = ort_session(path)
-    return s, session_metadata(s, path, "vild-detector-onnx-1")
+    from vild.deploy.text import open_graph, graph_metadata
+    s = open_graph(path)
+    return s, graph_metadata(s, path, "vild-detector-onnx-1")
 
 
 def test_padded_inference_path_equals_the_model_forward(torch_detector, held_out):
@@ -225,11 +225,11 @@ def test_vocab_file_from_checkpoint_feeds_the_runner(exported, tmp_path, held_ou
 
 
 class _NoInference:
-    def __init__(self, session):
-        self.session = session
+    def __init__(self, runtime):
+        self.runtime = runtime
 
     def __getattr__(self, name):
-        return getattr(self.session, name)
+        return getattr(self.runtime, name)
 
     def run(self, *args, **kwargs):
         raise AssertionError("inference ran on bad input")
@@ -237,7 +237,7 @@ class _NoInference:
 
 def test_bad_inputs_are_refused_before_inference(exported, held_out):
     det = OnnxDetector(exported["model"], vocabulary="star,heart")
-    det.model.session = _NoInference(det.model.session)
+    det.model.runtime = _NoInference(det.model.runtime)
     with pytest.raises(ValueError, match=r"do not fit this model: it expects \[K, 64\]"):
         det.set_vocabulary(VocabEmbeddings([["kite"], ["cat"]], np.ones((2, 32), np.float32), {}))
     with pytest.raises(ValueError, match="vocabulary is empty"):

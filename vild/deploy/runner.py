@@ -25,7 +25,7 @@ from ..modeling.preprocess import ImagePreprocessor
 from ..teacher.vocabulary import parse_vocabulary
 from .export import DETECTOR_FORMAT, text_model_path
 from .graph import DETECTOR_OUTPUTS
-from .text import OnnxTextEncoder, VocabEmbeddings, load_vocab, ort_session, session_metadata
+from .text import OnnxTextEncoder, VocabEmbeddings, load_vocab, open_graph, graph_metadata
 
 
 def providers_for(device: str) -> list[str]:
@@ -62,12 +62,12 @@ class OnnxModel:
     """The exported graph in the place of a ``ViLD`` module: images in (list of [3, H, W]), per-image dicts out.
 
     Args:
-        session: an onnxruntime session of a ``vild-export`` detector file.
-        meta: its metadata (``session_metadata``).
+        runtime: an onnxruntime inference runtime for a ``vild-export`` detector file.
+        meta: its metadata (``graph_metadata``).
     """
 
-    def __init__(self, session: Any, meta: dict[str, str]):
-        self.session = session
+    def __init__(self, runtime: Any, meta: dict[str, str]):
+        self.runtime = runtime
         self.variant = meta["variant"]
         # the graph normalises: the preprocessor here only resizes and pads raw pixels (mean 0, std 1)
         self.preprocessor = ImagePreprocessor([0.0] * 3, [1.0] * 3, int(meta["test_size"]),
@@ -77,11 +77,11 @@ class OnnxModel:
         fixed = json.loads(meta["settings"]) if meta.get("settings") else {}
         self.roi_heads = SimpleNamespace(test_settings=DetectionSettings(**{
             **fixed, "score_thresh": float(meta["score_thresh"]), "max_dets": int(meta["max_dets"])}),
-            mask_on="mask_probs" in [o.name for o in session.get_outputs()])
+            mask_on="mask_probs" in [o.name for o in runtime.get_outputs()])
         # checks and normalises vocabularies with the model's own rules and messages
         self.classifier = TextClassifier(int(meta["embed_dim"]))
-        self.outputs = [o.name for o in session.get_outputs()]
-        self.takes_base_mask = any(i.name == "base_mask" for i in session.get_inputs())
+        self.outputs = [o.name for o in runtime.get_outputs()]
+        self.takes_base_mask = any(i.name == "base_mask" for i in runtime.get_inputs())
 
     @property
     def embed_dim(self) -> int:
@@ -132,7 +132,7 @@ class OnnxModel:
                  "max_dets": np.array(st.max_dets, dtype=np.int64)}
         if self.takes_base_mask:
             feeds["base_mask"] = self.classifier.base_mask.numpy()
-        return dict(zip(self.outputs, self.session.run(self.outputs, feeds)))
+        return dict(zip(self.outputs, self.runtime.run(self.outputs, feeds)))
 
     def __call__(self, images: Sequence[torch.Tensor], settings: Optional[DetectionSettings] = None) -> list[dict]:
         """Per image: boxes, scores, labels and masks (bool [n, H, W]) in its own frame, as ``ViLD`` gives them."""
@@ -181,16 +181,16 @@ class OnnxDetector(Detector):
                  text_model: Union[str, os.PathLike, OnnxTextEncoder, bool, None] = None, device: str = "cpu",
                  threads: int = 0, **kwargs: Any):
         providers = providers_for(device)
-        session = ort_session(model_path, providers, threads)
-        meta = session_metadata(session, model_path, DETECTOR_FORMAT)
-        self.providers = session.get_providers()
+        runtime = open_graph(model_path, providers, threads)
+        meta = graph_metadata(runtime, model_path, DETECTOR_FORMAT)
+        self.providers = runtime.get_providers()
         if text_model is None and text_model_path(model_path).is_file():
             text_model = text_model_path(model_path)
         if isinstance(text_model, (str, os.PathLike)):
             text_model = OnnxTextEncoder(text_model, providers)
         teacher = text_model or _NoTextEncoder(text_model_path(model_path))
         self.model_teacher: dict = json.loads(meta["teacher"])
-        model = OnnxModel(session, meta)
+        model = OnnxModel(runtime, meta)
         fixed = model.roi_heads.test_settings  # the Detector asks for the scoring the graph has
         if meta.get("training_embeddings"):  # the hidden training names need no text tower
             self._training_embeddings = torch.tensor(json.loads(meta["training_embeddings"]), dtype=torch.float32)

@@ -23,8 +23,8 @@ TEXT_FORMAT = "vild-text-onnx-1"
 VOCAB_FORMAT = "vild-vocab-1"
 
 
-def ort_session(path: Union[str, os.PathLike], providers: Optional[Sequence[str]] = None, threads: int = 0):
-    """An onnxruntime session of ``path``, with errors that say what to install or export."""
+def open_graph(path: Union[str, os.PathLike], providers: Optional[Sequence[str]] = None, threads: int = 0):
+    """An onnxruntime runtime of ``path``, with errors that say what to install or export."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -42,9 +42,9 @@ def ort_session(path: Union[str, os.PathLike], providers: Optional[Sequence[str]
                          f"export it again with vild-export") from None
 
 
-def session_metadata(session: Any, path: Union[str, os.PathLike], fmt: str) -> dict[str, str]:
+def graph_metadata(runtime: Any, path: Union[str, os.PathLike], fmt: str) -> dict[str, str]:
     """The vild metadata of an exported file; a clear error for a file of another kind."""
-    meta = dict(session.get_modelmeta().custom_metadata_map)
+    meta = dict(runtime.get_modelmeta().custom_metadata_map)
     if meta.get("format") != fmt:
         raise ValueError(f"{path} is not a vild {fmt.split('-onnx')[0].replace('vild-', '')} export "
                          f"(format {meta.get('format')!r}, expected {fmt!r}): write it with vild-export")
@@ -69,8 +69,8 @@ class OnnxTextEncoder:
     def __init__(self, path: Union[str, os.PathLike], providers: Optional[Sequence[str]] = None,
                  batch_size: int = 256):
         self.path = Path(path)
-        self.session = ort_session(self.path, providers)
-        meta = session_metadata(self.session, self.path, TEXT_FORMAT)
+        self.runtime = open_graph(self.path, providers)
+        meta = graph_metadata(self.runtime, self.path, TEXT_FORMAT)
         self.templates: list[str] = json.loads(meta["templates"])
         self.identity: dict = json.loads(meta["teacher"])
         self.embed_dim = int(meta["embed_dim"])
@@ -79,7 +79,7 @@ class OnnxTextEncoder:
 
     def encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
         """Unit embeddings [N, D] of token rows [N, context_length]."""
-        return self.session.run(None, {"tokens": tokens.astype(np.int64)})[0]
+        return self.runtime.run(None, {"tokens": tokens.astype(np.int64)})[0]
 
     def encode(self, names: VocabLike) -> np.ndarray:
         """[K, D] float32 unit embeddings; entry k is a name, "a|b" or a synonym list (as in ``CLIPTeacher``)."""
