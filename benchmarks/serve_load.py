@@ -69,6 +69,7 @@ class ServerProcess:
         self.weights = str(Path(weights).resolve())  # the server runs in `folder`
         self.log_path = folder / f"server_{self.port}.log"
         self.proc: Optional[subprocess.Popen] = None
+        self._started: list[subprocess.Popen] = []  # every process launched, retries too: all are stopped
 
     @property
     def url(self) -> str:
@@ -76,7 +77,9 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> "ServerProcess":
-        return self.start().wait()
+        if self.proc is None:
+            self.start()
+        return self.wait()
 
     def start(self) -> "ServerProcess":
         """Launch the server; ``wait`` for it to answer."""
@@ -85,6 +88,7 @@ class ServerProcess:
                "--port", str(self.port), "--device", "cpu", "--log-level", "warning", *self.args]
         with open(self.log_path, "wb") as logf:
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(self.folder))
+        self._started.append(self.proc)
         return self
 
     def wait(self) -> "ServerProcess":
@@ -104,17 +108,23 @@ class ServerProcess:
                     return self
             except OSError:
                 time.sleep(0.2)
-        self.__exit__()
+        self.stop()
         raise RuntimeError(f"vild-serve did not answer within {self.startup_timeout:g} s:\n{self.log()[-3000:]}")
 
     def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # uvicorn shuts down gracefully on SIGTERM
+        self.stop()
+
+    def stop(self) -> None:
+        """End every process this object started (uvicorn shuts down gracefully on SIGTERM)."""
+        for proc in self._started:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self._started:
             try:
-                self.proc.wait(15)
+                proc.wait(15)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                proc.kill()
+                proc.wait()
 
     def get(self, path: str) -> dict:
         """GET a JSON endpoint."""
@@ -249,7 +259,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 ("--max-batch", "1", *common), ("--max-batch", str(a.max_batch), *common),
                 ("--max-batch", str(a.max_batch), "--max-queue", str(a.overload_queue), *common))]
             for server in servers:  # all three start at once, then each is waited for
-                stack.enter_context(server.start())
+                server.start()
+                stack.callback(server.stop)
             single, batched, small = (server.wait() for server in servers)
             for server in servers:  # warm-up: first passes allocate, the vocabulary gets embedded
                 run_phase(server.port, 4, 16, bodies, a.phase_timeout)

@@ -177,3 +177,16 @@ def test_serve_load_benchmark_answers_every_request(tmp_path):
     assert (overload["answered"], overload["failures"], overload["lost"]) == (12, 0, 0)
     assert overload["statuses"].get("503", 0) == overload["503_with_retry_after"]  # every 503 says when to retry
     assert not _left_behind(env)  # the servers' folder, images and caches are removed
+    assert not _processes_in(Path(env["TMPDIR"])), "server processes outlived the benchmark"
+
+
+def _processes_in(folder: Path) -> list[int]:
+    """Processes whose working directory is (or was, before its removal) inside ``folder``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.readlink(proc / "cwd").startswith(str(folder)):
+                found.append(int(proc.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return found
