@@ -137,7 +137,7 @@ def test_padded_inference_path_equals_the_model_forward(torch_detector, held_out
         batch, _ = model.preprocessor(images)
         features = model.backbone(batch.tensors)
         sizes = torch.tensor(batch.image_sizes)
-        proposals, _ = model.rpn(batch, features)
+        proposals, _, _ = model.rpn(batch, features)
         padded, objectness = model.rpn.propose_padded(batch.tensors, sizes, features)
         ref = model.roi_heads.forward_test(features, proposals, batch.image_sizes)
         heads = model.roi_heads

@@ -124,7 +124,7 @@ def test_proposals_are_decoded_in_fp32_under_bf16_autocast():
     g = torch.Generator().manual_seed(1)
     feats = {str(i): torch.randn(2, 8, 512 // s, 512 // s, generator=g) for i, s in enumerate((4, 8, 16))}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        boxes, _ = ours(images, feats)
+        boxes, _, _ = ours(images, feats)
     assert all(b.dtype == torch.float32 for b in boxes)
     # bf16 would put coordinates above 256 px on a 2-px grid, above 512 on a 4-px grid
     big = torch.cat(boxes)[torch.cat(boxes) > 256]

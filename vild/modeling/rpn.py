@@ -165,9 +165,10 @@ class BatchedRPN(RegionProposalNetwork):
                 scatter_rows(scores[img, col], img, rank, n_img, self.post_nms_top_n()))
 
     def forward(self, images: ImageList, features: dict[str, Tensor],
-                targets: list[dict[str, Tensor]] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
-        """Proposals per image and, in training, the objectness and box losses."""
-        boxes, _, objectness, pred_bbox_deltas, anchors = self.propose(images, features)
+                targets: list[dict[str, Tensor]] | None = None
+                ) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor]]:
+        """Proposals and their objectness probabilities per image and, in training, the objectness and box losses."""
+        boxes, scores, objectness, pred_bbox_deltas, anchors = self.propose(images, features)
         losses = {}
         if self.training:
             if targets is None:
@@ -179,4 +180,4 @@ class BatchedRPN(RegionProposalNetwork):
             loss_objectness, loss_box = self.compute_loss_batched(objectness, pred_bbox_deltas, labels,
                                                                   regression_targets)
             losses = {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_box}
-        return boxes, losses
+        return boxes, scores, losses

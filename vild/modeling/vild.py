@@ -52,10 +52,10 @@ class ViLD(nn.Module):
         if self.training:
             targets = [{k: (v.to(batch.tensors.device) if torch.is_tensor(v) else v) for k, v in t.items()}
                        for t in targets]
-            proposals, rpn_losses = self.rpn(batch, features, targets)
+            proposals, _, rpn_losses = self.rpn(batch, features, targets)
             losses = self.roi_heads.forward_train(features, proposals, batch.image_sizes, targets)
             return {**rpn_losses, **losses}
-        proposals, objectness, *_ = self.rpn.propose(batch, features)
+        proposals, objectness, _ = self.rpn(batch, features)
         results = self.roi_heads.forward_test(features, proposals, batch.image_sizes, objectness, settings)
         return self.preprocessor.postprocess(results, batch.image_sizes, original_sizes, self.mask_threshold,
                                              paste=paste_masks)
