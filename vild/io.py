@@ -1,9 +1,10 @@
 """Robust image reading: any file PIL can open becomes a uint8 RGB tensor [3, H, W], or a clear error."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -19,12 +20,21 @@ class ImageReadError(Exception):
 
 
 def read_image(path: Union[str, os.PathLike]) -> torch.Tensor:
-    """Read an image file as uint8 RGB [3, H, W], EXIF orientation applied; raises ImageReadError."""
+    """Read an image file as uint8 RGB [3, H, W], EXIF orientation applied; raises ImageReadError.
+
+    JPEGs in RGB or grayscale are decoded by torchvision (libjpeg-turbo, straight into a tensor); the result is
+    then a [3, H, W] view of H×W×3 pixels, as drawing and encoding want them. Everything else goes through PIL.
+    """
     p = Path(path)
     if not p.is_file():
         raise ImageReadError(p, "not found" if not p.exists() else "not a file")
     try:
-        with Image.open(p) as img:
+        data = p.read_bytes()  # one open: PIL reads the header from these bytes and the decoder the rest
+        with Image.open(io.BytesIO(data)) as img:  # the header only; refuses decompression bombs
+            if img.format == "JPEG" and img.mode in ("RGB", "L"):
+                fast = _decode_jpeg(data)
+                if fast is not None:
+                    return fast
             img.load()  # PIL opens lazily: decoding errors (truncation) only surface here
             return pil_to_tensor(img)
     except UnidentifiedImageError:
@@ -34,6 +44,20 @@ def read_image(path: Union[str, os.PathLike]) -> torch.Tensor:
     except (OSError, SyntaxError, ValueError) as e:  # PIL reports broken data as any of these
         reason = "truncated" if "truncated" in str(e) else "corrupt"
         raise ImageReadError(p, reason, str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
+
+
+def _decode_jpeg(data: bytes) -> Optional[torch.Tensor]:
+    """torchvision's JPEG decoder, where this torchvision has it; None when it is absent or fails (PIL then
+    decodes the file, or names what is wrong with it)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+    try:
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a writable copy: torch warns otherwise
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except (RuntimeError, ValueError, TypeError):
+        return None
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

@@ -5,7 +5,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
@@ -13,6 +13,7 @@ from pycocotools import mask as mask_utils
 
 from ..utils import comm
 from ..utils.atomic import atomic_write_json
+from ..utils.mask_bounds import mask_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -21,15 +22,57 @@ def _np(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def encode_masks(masks: Any) -> list[dict]:
-    """Binary masks [n, H, W] (tensor or array; [n, 1, H, W] too) → COCO RLEs with text counts, one pycocotools call."""
+def encode_masks(masks: Any, bounds: Optional[np.ndarray] = None) -> list[dict]:
+    """Binary masks [n, H, W] (tensor or array; [n, 1, H, W] too) → COCO RLEs with text counts.
+
+    The RLEs are those of pycocotools' ``encode`` of the whole masks. Each mask's runs are counted only inside
+    the rows and columns it covers (``bounds`` from ``vild.utils.mask_bounds``, computed when not given), and
+    the zeros around them are added arithmetically: a detection covers a small part of a photo.
+    """
     m = _np(masks)
     m = m.reshape(-1, *m.shape[-2:])
-    # pycocotools takes a Fortran-ordered [H, W, n] uint8 array, which is the memory of a C-ordered [n, W, H]
-    # one: a single transposing copy (that also casts) instead of a cast, a copy and a reorder
-    f = np.ascontiguousarray(np.swapaxes(m, 1, 2), dtype=np.uint8).transpose(2, 1, 0)
-    return [{"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")}  # JSON needs text
-            for r in mask_utils.encode(f)]
+    n, h, w = m.shape
+    if n == 0:
+        return []
+    m = m if m.dtype == np.bool_ else m != 0
+    if bounds is None:
+        bounds = mask_bounds(m)
+    counts = [_window_counts(m[i], h, w, *(int(v) for v in bounds[i])) for i in range(n)]
+    rles = mask_utils.frPyObjects([{"size": [h, w], "counts": c} for c in counts], h, w)
+    return [{"size": [h, w], "counts": r["counts"].decode("ascii")} for r in rles]  # JSON needs text
+
+
+def _window_counts(mask: np.ndarray, h: int, w: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """Uncompressed COCO RLE counts of a bool [h, w] mask that is zero outside rows y0:y1 and columns x0:x1.
+
+    COCO runs go down the columns, alternating zeros and ones and starting with zeros. The window is read
+    column by column with one zero row added above and below it: every column then starts and ends inside a
+    run of zeros, and each added row stands for the image's y0 rows above the window (h - y1 below it).
+    """
+    if y1 <= y0 or x1 <= x0:
+        return np.array([h * w], dtype=np.int64)
+    rows = y1 - y0 + 2
+    padded = np.zeros((x1 - x0, rows), dtype=np.uint8)
+    padded[:, 1:-1] = mask[y0:y1, x0:x1].T
+    seq = padded.ravel()
+    edges = np.concatenate(([0], np.flatnonzero(seq[1:] != seq[:-1]) + 1, [seq.size]))
+    runs = np.diff(edges)  # zeros first (seq starts with an added row), zeros last
+    start, end = edges[:-1:2], edges[1::2]  # the runs of zeros
+    top = (end - 1) // rows - (start - 1) // rows  # added rows above a column inside this run
+    bottom = (end - rows) // rows - (start - rows) // rows  # ... and below one (at offset rows - 1)
+    zeros = runs[0::2] + top * (y0 - 1) + bottom * (h - y1 - 1)
+    zeros[0] += x0 * h
+    zeros[-1] += (w - x1) * h
+    ones = runs[1::2]
+    # a window touching the top and bottom rows can leave an empty run of zeros between columns: join the ones
+    # on both sides, as a whole-image count would
+    keep = zeros[1:-1] > 0
+    if not keep.all():
+        ones = np.bincount(np.concatenate(([0], np.cumsum(keep))), weights=ones).astype(np.int64)
+        zeros = np.concatenate((zeros[:1], zeros[1:-1][keep], zeros[-1:]))
+    out = np.empty(len(zeros) + len(ones), dtype=np.int64)
+    out[0::2], out[1::2] = zeros, ones
+    return out if out[-1] else out[:-1]  # no trailing empty run of zeros
 
 
 def instances_to_results(image_id: int, output: dict, category_ids: list[int]) -> tuple[list[dict], list[dict]]:
