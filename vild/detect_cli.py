@@ -473,3 +473,7 @@ class _Run:
             line += (f"; {len(self.ids.unmatched)} not in --coco-gt, so left out of detections.json "
                      f"(is it the right split?)")
         return line
+
+
+if __name__ == "__main__":  # torchrun -m vild.detect_cli ...
+    sys.exit(main())

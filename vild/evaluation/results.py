@@ -37,42 +37,52 @@ def encode_masks(masks: Any, bounds: Optional[np.ndarray] = None) -> list[dict]:
     m = m if m.dtype == np.bool_ else m != 0
     if bounds is None:
         bounds = mask_bounds(m)
-    counts = [_window_counts(m[i], h, w, *(int(v) for v in bounds[i])) for i in range(n)]
-    rles = mask_utils.frPyObjects([{"size": [h, w], "counts": c} for c in counts], h, w)
+    rles = mask_utils.frPyObjects([{"size": [h, w], "counts": c} for c in _rle_counts(m, bounds)], h, w)
     return [{"size": [h, w], "counts": r["counts"].decode("ascii")} for r in rles]  # JSON needs text
 
 
-def _window_counts(mask: np.ndarray, h: int, w: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-    """Uncompressed COCO RLE counts of a bool [h, w] mask that is zero outside rows y0:y1 and columns x0:x1.
+def _rle_counts(m: np.ndarray, bounds: np.ndarray) -> list[np.ndarray]:
+    """Uncompressed COCO RLE counts of bool masks [n, H, W], each zero outside its bounds (y0, y1, x0, x1).
 
-    COCO runs go down the columns, alternating zeros and ones and starting with zeros. The window is read
-    column by column with one zero row added above and below it: every column then starts and ends inside a
-    run of zeros, and each added row stands for the image's y0 rows above the window (h - y1 below it).
+    COCO runs go down the columns, alternating zeros and ones and starting with zeros. The windows are laid out
+    one after another, each read column by column with one zero row added above and below it: every column
+    then starts and ends inside a run of zeros, no run crosses from one window into the next, and each added
+    row stands for the image's y0 rows above the window (H - y1 below it). One pass finds every window's runs.
     """
-    if y1 <= y0 or x1 <= x0:
-        return np.array([h * w], dtype=np.int64)
+    n, h, w = m.shape
+    out = [np.array([h * w], dtype=np.int64) for _ in range(n)]  # an empty mask: one run of zeros
+    b = np.asarray(bounds, dtype=np.int64)
+    idx = np.flatnonzero((b[:, 1] > b[:, 0]) & (b[:, 3] > b[:, 2]))
+    if not len(idx):
+        return out
+    y0, y1, x0, x1 = b[idx].T
     rows = y1 - y0 + 2
-    padded = np.zeros((x1 - x0, rows), dtype=np.uint8)
-    padded[:, 1:-1] = mask[y0:y1, x0:x1].T
-    seq = padded.ravel()
-    edges = np.concatenate(([0], np.flatnonzero(seq[1:] != seq[:-1]) + 1, [seq.size]))
-    runs = np.diff(edges)  # zeros first (seq starts with an added row), zeros last
-    start, end = edges[:-1:2], edges[1::2]  # the runs of zeros
-    top = (end - 1) // rows - (start - 1) // rows  # added rows above a column inside this run
-    bottom = (end - rows) // rows - (start - rows) // rows  # ... and below one (at offset rows - 1)
-    zeros = runs[0::2] + top * (y0 - 1) + bottom * (h - y1 - 1)
-    zeros[0] += x0 * h
-    zeros[-1] += (w - x1) * h
-    ones = runs[1::2]
-    # a window touching the top and bottom rows can leave an empty run of zeros between columns: join the ones
-    # on both sides, as a whole-image count would
-    keep = zeros[1:-1] > 0
-    if not keep.all():
-        ones = np.bincount(np.concatenate(([0], np.cumsum(keep))), weights=ones).astype(np.int64)
-        zeros = np.concatenate((zeros[:1], zeros[1:-1][keep], zeros[-1:]))
-    out = np.empty(len(zeros) + len(ones), dtype=np.int64)
-    out[0::2], out[1::2] = zeros, ones
-    return out if out[-1] else out[:-1]  # no trailing empty run of zeros
+    offsets = np.concatenate(([0], np.cumsum((x1 - x0) * rows)))
+    seq = np.zeros(offsets[-1], dtype=np.uint8)
+    for k, i in enumerate(idx):
+        window = seq[offsets[k]:offsets[k + 1]].reshape(x1[k] - x0[k], rows[k])
+        window[:, 1:-1] = m[i, y0[k]:y1[k], x0[k]:x1[k]].T
+    # run boundaries: the changes, and the windows' starts (never a change: both sides are added zeros)
+    edges = np.sort(np.concatenate((np.flatnonzero(seq[1:] != seq[:-1]) + 1, offsets)))
+    win = np.searchsorted(offsets, edges[:-1], side="right") - 1  # the window of each run
+    first = np.concatenate(([True], win[1:] != win[:-1]))
+    last = np.concatenate((win[1:] != win[:-1], [True]))
+    zeros = (np.arange(len(win)) - np.flatnonzero(first)[np.cumsum(first) - 1]) % 2 == 0  # even runs: zeros
+    start, end, r = edges[:-1] - offsets[win], edges[1:] - offsets[win], rows[win]
+    top = (end - 1) // r - (start - 1) // r  # added rows above a column inside this run
+    bottom = (end - r) // r - (start - r) // r  # ... and below one (at offset r - 1)
+    length = end - start + np.where(zeros, top * (y0[win] - 1) + bottom * (h - y1[win] - 1), 0)
+    length[first] += x0[win[first]] * h
+    length[last] += (w - x1[win[last]]) * h
+    # a window spanning the image's height can leave an empty run of zeros between two columns: it joins the
+    # runs of ones on both sides, as a whole-image count would; an empty last run of zeros disappears
+    empty = zeros & (length == 0) & ~first
+    starts_group = ~(empty | (np.concatenate(([False], empty[:-1])) & ~zeros))
+    counts = np.bincount(np.cumsum(starts_group) - 1, weights=length).astype(np.int64)
+    per_window = np.bincount(win[starts_group], minlength=len(idx))
+    for i, c in zip(idx, np.split(counts, np.cumsum(per_window)[:-1])):
+        out[i] = c
+    return out
 
 
 def instances_to_results(image_id: int, output: dict, category_ids: list[int]) -> tuple[list[dict], list[dict]]:
