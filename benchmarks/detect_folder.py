@@ -164,6 +164,7 @@ def main(argv=None) -> None:
     dev = torch.device(a.device)
     tmp = Path(tempfile.mkdtemp(prefix="vild_detect_bench_"))
     try:
+        load = [round(os.getloadavg()[0], 2)]  # a shared machine's other work slows wall-clock figures
         paths = make_photos(tmp, a.images, width, height)
         det = Detector.from_checkpoint(a.weights, device=a.device, vocabulary=a.vocab, batch_size=a.batch_size,
                                        score_thresh=a.score_thresh)
@@ -230,6 +231,7 @@ def main(argv=None) -> None:
             "pipeline_ms_per_image_beyond_model": round(exposed, 2),
             "ratio_pipeline_over_serial_baseline": round(rate["pipeline"] / rate["serial_baseline"], 3),
             "ratio_pipeline_over_model_only": round(rate["pipeline"] / rate["model_only"], 3),
+            "load_average_1m_before_after": load + [round(os.getloadavg()[0], 2)],
         }
         log(f"host ms/image: baseline {host['baseline']['wall']:.1f} (cpu {host['baseline']['cpu']:.1f}), current "
             f"{host['current']['wall']:.1f} (cpu {host['current']['cpu']:.1f}); img/s: model alone "

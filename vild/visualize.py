@@ -79,7 +79,7 @@ def _overlay_masks(canvas: np.ndarray, masks: torch.Tensor, labels: list[int], o
     win = canvas[y0:y1, x0:x1]
     top = np.zeros(win.shape[:2], dtype=np.uint8)
     fill = np.empty_like(top)
-    m = masks.detach().cpu().numpy().view(np.uint8)
+    m = masks.detach().cpu().bool().numpy().view(np.uint8)
     for i in order:
         a, b, c, d = (int(v) for v in bounds[i])
         if b <= a:
