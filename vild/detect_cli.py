@@ -121,10 +121,12 @@ def _settings(args: argparse.Namespace, det, weights: Path, images: list[Path], 
             return None
         st = Path(path).stat()
         return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+    # every option but those that only say where things are or how fast they go (a new option counts too)
+    options = {k: v for k, v in sorted(vars(args).items()) if k not in ("input", "output", "weights", "io_threads")}
     inputs = hashlib.sha256("\n".join(str(p) for p in images).encode()).hexdigest()
-    return {"weights": file_id(weights), "vocabulary": det.vocabulary, "score_thresh": det.score_thresh,
-            "max_dets": det.max_dets, "batch_size": det.batch_size, "part_size": part_size,
-            "device": det.device.type, "json": bool(args.json), "coco_gt": file_id(args.coco_gt), "inputs": inputs}
+    return {"options": options, "weights": file_id(weights), "vocabulary": det.vocabulary,
+            "score_thresh": det.score_thresh, "max_dets": det.max_dets, "part_size": part_size,
+            "device": det.device.type, "coco_gt": file_id(getattr(args, "coco_gt", None)), "inputs": inputs}
 
 
 # ---- inputs ------------------------------------------------------------------------------------
