@@ -13,7 +13,7 @@ from vild import Detector
 from vild.io import ImageReadError, read_image, to_image_tensor
 from vild.teacher import CLIPTeacher
 from vild.teacher.clip_teacher import sha256_file
-from vild.visualize import text_color
+from vild.visualize import PALETTE, draw_detections, text_color
 from vild.vocab_presets import get_preset
 
 from helpers import TRAIN_VOCAB, make_checkpoint, scene  # noqa: E402,F401
@@ -274,6 +274,25 @@ def test_to_coco_json_and_save(det, tmp_path):
 
 
 # ---- small pieces -------------------------------------------------------------------------------
+def test_drawing_blends_each_masked_pixel_once_with_the_best_covering_detections_colour():
+    image = torch.full((3, 40, 60), 100, dtype=torch.uint8)
+    masks = torch.zeros(2, 40, 60, dtype=torch.bool)
+    masks[0, 10:30, 10:30] = True
+    masks[1, 20:35, 20:50] = True
+    boxes = torch.tensor([[10.0, 10, 29, 29], [20, 20, 49, 34]])
+    labels, scores = torch.tensor([0, 3]), torch.tensor([0.5, 0.9])
+    drawn = draw_detections(image, boxes, labels, scores, ["a", "b"], masks).astype(int)
+    blend = [np.round(100 * 0.55 + np.array(PALETTE[k]) * 0.45) for k in (0, 3)]
+    assert np.abs(drawn[27, 12] - blend[0]).max() <= 1  # the first mask only
+    assert np.abs(drawn[25, 25] - blend[1]).max() <= 1  # both: the better detection's colour, blended once
+    assert (drawn[38, 5] == 100).all() and (drawn[37, 55] == 100).all()  # outside every mask, box and label
+    assert tuple(drawn[15, 10]) == PALETTE[0]  # the box outline
+    # a tensor in any layout, an H×W×3 array: the same picture
+    hwc = image.permute(1, 2, 0).contiguous()
+    assert np.array_equal(draw_detections(hwc.permute(2, 0, 1), boxes, labels, scores, ["a", "b"], masks), drawn)
+    assert np.array_equal(draw_detections(hwc.numpy(), boxes, labels, scores, ["a", "b"], masks), drawn)
+
+
 def test_label_text_colour_contrasts_with_its_background():
     assert text_color((255, 221, 0)) == (0, 0, 0) and text_color((31, 40, 120)) == (255, 255, 255)
 

@@ -125,7 +125,16 @@ def test_side_benchmarks_run_and_write_their_figures(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     det = json.loads(out.read_text())
-    assert set(det["images_per_s"]) == {"model_only", "serial", "pipeline"}
+    assert set(det["images_per_s"]) == {"model_only", "serial_baseline", "serial", "pipeline"}
+    assert det["host_ms_per_image"]["current"]["wall"] > 0
+    out = tmp_path / "vocab.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vocab_templates.py"), "--clip-model",
+                           "vild-test-micro", "--names", "1", "--repeats", "1", "--val-images", "3", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    vocab = json.loads(out.read_text())
+    assert vocab["speed"]["rates"]["vild_threads1"]["prompts"] == vocab["speed"]["rates"]["simple_threads1"]["prompts"]
+    assert set(vocab["accuracy"]["simple"]["box_ap50"]) == {"all", "base", "novel"}
     out = tmp_path / "large.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "large_image.py"), "--size", "300x200",
                            "--detections", "5", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env,

@@ -151,3 +151,39 @@ def test_comm_single_process():
     assert comm.is_main_process() and comm.all_gather_object({"a": 1}) == [{"a": 1}]
     assert comm.broadcast_object([3]) == [3]
     comm.synchronize()
+
+
+def _whole_mask_rles(masks: np.ndarray) -> list[dict]:
+    """pycocotools' encode of the whole masks: the reference the windowed encoder must equal."""
+    f = np.asfortranarray(masks.astype(np.uint8).transpose(1, 2, 0))
+    return [{"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")} for r in mask_utils.encode(f)]
+
+
+def test_rle_inside_each_masks_bounds_equals_pycocotools_on_the_whole_mask():
+    """Runs counted only in a mask's covered rows and columns, with the zeros around them added, give the very
+    RLE of the whole mask: at image borders, full columns, full images, single pixels and empty masks."""
+    from vild.evaluation.results import encode_masks
+    from vild.utils.mask_bounds import mask_bounds
+    rng = np.random.default_rng(0)
+    cases = []
+    for _ in range(400):
+        h, w = (int(v) for v in rng.integers(1, 14, 2))
+        m = rng.random((4, h, w)) < rng.random()
+        m[1] = False  # empty
+        y0, x0 = rng.integers(0, h), rng.integers(0, w)
+        m[2] = False
+        m[2, y0:, x0:] = rng.random((h - y0, w - x0)) < 0.7  # a blob touching the bottom-right corner
+        m[3] = True if rng.random() < 0.2 else m[3]  # the whole image
+        cases.append(m)
+    photo = np.zeros((3, 480, 640), dtype=bool)
+    photo[0, 100:300, 50:90] = True  # full columns of the window, runs joined across them
+    photo[1, 0:480, 600:640] = True  # full image height: no zeros between its columns
+    photo[2, 479, 639] = True  # the last pixel
+    cases.append(photo)
+    for m in cases:
+        want = _whole_mask_rles(m)
+        assert encode_masks(m) == want
+        assert encode_masks(torch.from_numpy(m), mask_bounds(m)) == want
+        assert encode_masks(torch.from_numpy(m)[:, None]) == want  # [n, 1, H, W]
+    assert encode_masks(np.zeros((0, 5, 5), dtype=bool)) == []
+    assert mask_bounds(photo).tolist() == [[100, 300, 50, 90], [0, 480, 600, 640], [479, 480, 639, 640]]

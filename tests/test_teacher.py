@@ -110,6 +110,19 @@ def test_cache_key_depends_on_names_and_templates(teacher, tmp_path):
     assert teacher.text_cache_path(vocab) != key
 
 
+def test_a_cold_encoding_shows_progress_with_its_thread_count(teacher, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(teacher, "cache_dir", tmp_path)
+    monkeypatch.setattr(type(teacher), "PROGRESS_DELAY_S", 0.0)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    teacher.encode_text(["kite", "unicycle"])
+    err = capsys.readouterr().err
+    n = 2 * len(teacher.templates)
+    assert f"embedding 2 names x {len(teacher.templates)} templates on {torch.get_num_threads()} CPU threads" in err
+    assert f"{n}/{n}" in err and "prompt/s" in err
+    teacher.encode_text(["kite", "unicycle"])
+    assert "embedding" not in capsys.readouterr().err  # from the cache: nothing to show
+
+
 def test_long_name_warns(teacher):
     with pytest.warns(UserWarning, match="truncated"):
         teacher.encode_text(["a very long name of an extremely complicated object thing"])

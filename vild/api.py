@@ -49,20 +49,35 @@ class DetectionResult:
     image: torch.Tensor  # uint8 [3, H, W] RGB, the image the detections belong to
     vocabulary: list[str] = field(default_factory=list)  # display names, label k → vocabulary[k]
     source: Optional[str] = None  # the path it was read from, if any
+    _bounds: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.scores)
 
     def draw(self) -> np.ndarray:
         """The image with masks, boxes and "name score" labels drawn (RGB uint8 H×W×3)."""
-        from .visualize import draw_detections
-        return draw_detections(self.image, self.boxes, self.labels, self.scores, self.names, self.masks)
+        return np.asarray(self._render())
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the annotated image (format from the file extension)."""
-        from PIL import Image
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(self.draw()).save(path)
+        self._render().save(path)
+
+    def _render(self):
+        from .visualize import render_detections
+        return render_detections(self.image, self.boxes, self.labels, self.scores, self.names, self.masks,
+                                 bounds=self._mask_bounds())
+
+    def _mask_bounds(self) -> Optional[np.ndarray]:
+        """Each mask's rows and columns (``vild.utils.mask_bounds``): found once for drawing and RLE, and again
+        if the masks are replaced or edited in place (which bumps a tensor's version)."""
+        if self.masks is None:
+            return None
+        cached = self._bounds
+        if cached is None or cached[0] is not self.masks or cached[1] != self.masks._version:
+            from .utils.mask_bounds import mask_bounds
+            self._bounds = cached = (self.masks, self.masks._version, mask_bounds(self.masks))
+        return cached[2]
 
     def to_coco_json(self, image_id: int = 0, category_ids: Union[Mapping[str, int], Sequence[int], None] = None
                      ) -> list[dict]:
@@ -71,31 +86,34 @@ class DetectionResult:
         ``category_ids`` maps display names to ids, or is a list of ids in vocabulary order.
         """
         rles = self._rles()
+        boxes, scores = self.boxes.tolist(), self.scores.tolist()  # Python floats at once, not one tensor each
+        cat_ids = None if category_ids is None else self._category_ids(category_ids)
         out = []
         for i in range(len(self)):
-            x0, y0, x1, y1 = (float(v) for v in self.boxes[i])
+            x0, y0, x1, y1 = boxes[i]
             d: dict[str, Any] = {"image_id": image_id, "category_name": self.names[i],
                                  "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                                 "score": round(float(self.scores[i]), 5)}
-            if category_ids is not None:
-                d["category_id"] = self._category_id(category_ids, i)
+                                 "score": round(scores[i], 5)}
+            if cat_ids is not None:
+                d["category_id"] = cat_ids[i]
             if rles is not None:
                 d["segmentation"] = rles[i]
             out.append(d)
         return out
 
-    def _category_id(self, category_ids: Union[Mapping[str, int], Sequence[int]], i: int) -> int:
+    def _category_ids(self, category_ids: Union[Mapping[str, int], Sequence[int]]) -> list[int]:
         if isinstance(category_ids, Mapping):
-            if self.names[i] not in category_ids:
-                raise KeyError(f"category {self.names[i]!r} has no id in the mapping given to to_coco_json")
-            return int(category_ids[self.names[i]])
-        return int(category_ids[int(self.labels[i])])
+            missing = [n for n in self.names if n not in category_ids]
+            if missing:
+                raise KeyError(f"category {missing[0]!r} has no id in the mapping given to to_coco_json")
+            return [int(category_ids[n]) for n in self.names]
+        return [int(category_ids[k]) for k in self.labels.tolist()]
 
     def _rles(self) -> Optional[list[dict]]:
         if self.masks is None:
             return None
         from .evaluation.results import encode_masks
-        return encode_masks(self.masks) if len(self) else []
+        return encode_masks(self.masks, self._mask_bounds()) if len(self) else []
 
 
 class Detector:

@@ -1,9 +1,10 @@
-"""``tools/detect.py``: run a trained ViLD over images, folders, globs or videos with any vocabulary."""
+"""``tools/detect.py``: run a trained ViLD over images, folders, globs, file lists or videos with any vocabulary."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import glob
+import hashlib
 import itertools
 import json
 import os
@@ -23,6 +24,14 @@ NO_MODEL_HINT = ("train one first: `make demo` trains a small model on the synth
                  "tools/train_net.py trains on real data; or pass --weights model.pth")
 
 
+VOCAB_NOTE = ("A new vocabulary is embedded once, then cached ($VILD_CACHE): every name in each of the checkpoint's "
+              "prompt templates (TEACHER.TEMPLATES) through CLIP's text tower, on the GPU or on torch's CPU threads "
+              "(every core unless OMP_NUM_THREADS says otherwise), with a progress bar and ETA. The default set, "
+              "vild, has 63 templates: LVIS's 1203 names are 75,789 prompts, minutes on a CPU. A model trained "
+              "with TEACHER.TEMPLATES simple embeds one prompt per name (\"a photo of a {}.\"), 63x less work, "
+              "each name then resting on one phrasing instead of the average of 63. See docs/detect_speed.md.")
+
+
 class CLIError(Exception):
     """A problem with the command line or its files, reported without a traceback."""
 
@@ -36,9 +45,11 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, epilog=VOCAB_NOTE)
     p.add_argument("--weights", help="checkpoint; default: the newest model_*.pth under $VILD_OUTPUT or ./output")
-    p.add_argument("--input", required=True, help="an image, a folder of images, a glob (quote it) or a video")
+    p.add_argument("--input", required=True,
+                   help="an image, a folder of images, a glob (quote it), a video, or a .txt list of image paths "
+                        "(one per line, relative to the current folder; # comments)")
     p.add_argument("--output", required=True, help="folder for annotated images/videos (and detections.json)")
     v = p.add_mutually_exclusive_group()
     v.add_argument("--vocab", help='categories: "kite,unicycle", synonyms with "|": "couch|sofa,tv"')
@@ -56,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=4, help="images per forward pass")
     p.add_argument("--json", action="store_true", help="also write detections.json (COCO results format)")
     p.add_argument("--coco-gt", help="with --json: take image and category ids from this COCO annotation file")
+    p.add_argument("--part-size", type=_positive, default=256,
+                   help="images per resumable part (rounded up to whole batches): a re-run after a crash skips the "
+                        "parts already written and redoes at most this many images per process; under torchrun "
+                        "rank r takes the parts p with p %% WORLD_SIZE == r and rank 0 merges them")
+    p.add_argument("--io-threads", type=_positive, default=None,
+                   help="threads that read images ahead of the model and draw, write and encode behind it "
+                        "(default: the usable cores, 3 to 8)")
     return p
 
 
@@ -80,28 +98,56 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (CLIError, OSError, ValueError, RuntimeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"model {weights} ({det.variant}) on {det.device}; {len(det.names)} categories "
-          f"({sum(det.base_mask)} base); score threshold {det.score_thresh:g}"
-          f"{'' if det.has_masks else '; boxes only (a model trained without masks)'}", file=sys.stderr)
-    from .utils.atomic import atomic_open  # imports torch: after the cheap checks, like the Detector
-    # results stream into a hidden file that replaces detections.json when all inputs are done: memory stays
+    from .detect_parts import PartStore, world  # imports torch: after the cheap checks, like the Detector
+    rank, _ = world()
+    if rank == 0:
+        print(f"model {weights} ({det.variant}) on {det.device}; {len(det.names)} categories "
+              f"({sum(det.base_mask)} base); score threshold {det.score_thresh:g}"
+              f"{'' if det.has_masks else '; boxes only (a model trained without masks)'}", file=sys.stderr)
+    from .utils.atomic import atomic_open
+    run = _Run(det, out_dir, ids, taken={p.resolve() for p in images + videos}, io_threads=args.io_threads)
+    part_size = -(-args.part_size // det.batch_size) * det.batch_size
+    store = PartStore(out_dir, _settings(args, det, weights, images, part_size), len(images), part_size)
+    run.images(images, store)  # this process's share of the parts (all of them without torchrun)
+    if rank != 0:
+        return 0  # rank 0 merges and reports this rank's results and failures
+    store.wait_for_all()  # the other ranks' parts
+    # the parts stream into a hidden file that replaces detections.json when all inputs are done: memory stays
     # flat over a folder of 100k photos, and an interrupted run leaves the previous file as it was
     with atomic_open(out_dir / "detections.json") if ids is not None else contextlib.nullcontext() as results:
-        run = _Run(det, out_dir, ids, taken={p.resolve() for p in images + videos}, results=results)
-        run.images(images)
+        run.merge(store, results)
         for v in videos:
             run.video(v)
         run.finish()
+    store.remove()
     print(run.summary())
     return 1 if run.failures else 0
 
 
+def _settings(args: argparse.Namespace, det, weights: Path, images: list[Path], part_size: int) -> dict:
+    """What a run's results depend on: a re-run resumes only a run with the same."""
+    def file_id(path) -> Optional[list]:
+        if not path:
+            return None
+        st = Path(path).stat()
+        return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+    # every option but those that only say where things are or how fast they go (a new option counts too)
+    options = {k: v for k, v in sorted(vars(args).items()) if k not in ("input", "output", "weights", "io_threads")}
+    inputs = hashlib.sha256("\n".join(str(p) for p in images).encode()).hexdigest()
+    return {"options": options, "weights": file_id(weights), "vocabulary": det.vocabulary,
+            "score_thresh": det.score_thresh, "max_dets": det.max_dets, "part_size": part_size,
+            "device": det.device.type, "coco_gt": file_id(getattr(args, "coco_gt", None)), "inputs": inputs}
+
+
 # ---- inputs ------------------------------------------------------------------------------------
 def collect_inputs(spec: str) -> tuple[list[Path], list[Path]]:
-    """Images and videos named by a file, a folder (its image files) or a glob, sorted."""
+    """Images and videos named by a file, a folder (its image files) or a glob, sorted; or by a .txt list, in its
+    order."""
     p = Path(spec).expanduser()
     known = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
-    if p.is_dir():
+    if p.is_file() and p.suffix.lower() == ".txt":
+        files = read_file_list(p)
+    elif p.is_dir():
         files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in known)
     elif p.is_file():
         files = [p]
@@ -114,6 +160,21 @@ def collect_inputs(spec: str) -> tuple[list[Path], list[Path]]:
         raise CLIError(f"no image or video files in {spec}")
     videos = [f for f in files if f.suffix.lower() in VIDEO_EXTENSIONS]
     return [f for f in files if f not in videos], videos
+
+
+def read_file_list(path: Path) -> list[Path]:
+    """The paths listed in a text file, one per line (blank lines and # comments skipped), in their order.
+
+    Unreadable or missing entries are kept: the run reports them as skipped, like a broken file in a folder.
+    """
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"cannot read the file list {path}: {e}") from None
+    files = [Path(line.strip()).expanduser() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not files:
+        raise CLIError(f"the file list {path} names no files: write one image path per line")
+    return files
 
 
 def find_newest_checkpoint(root: Path) -> Optional[Path]:
@@ -188,94 +249,148 @@ class _IdMapper:
 
 
 # ---- running -----------------------------------------------------------------------------------
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _read(path: Path):
+    """The image, or the ImageReadError that says why it cannot be read (runs on an I/O thread)."""
+    from .io import ImageReadError, read_image
+    try:
+        return read_image(path)
+    except ImageReadError as e:
+        return e
+
+
+class _PartTally:
+    """A part's results while its batches are written."""
+
+    def __init__(self, batches: int):
+        self.batches_left, self.images = batches, 0
+        self.failures: list[list[str]] = []  # [path, reason]
+        self.unmatched: list[str] = []  # files --coco-gt does not list
+        self.lines: list[str] = []  # the detections' JSON
+
+
 class _Run:
     """Feeds batches to the detector, writes outputs, and keeps the tallies for the summary."""
 
-    def __init__(self, det, out_dir: Path, ids: Optional[_IdMapper], taken: set, results: Optional[IO] = None):
-        """``results`` (a text file) receives the COCO results as a JSON list, written as they come."""
+    def __init__(self, det, out_dir: Path, ids: Optional[_IdMapper], taken: set, io_threads: Optional[int] = None):
+        """``io_threads``: threads reading ahead of the model and writing behind it (default from the cores)."""
         self.det, self.out_dir, self.ids, self.taken = det, out_dir, ids, set(taken)
         self.failures: list[tuple[Path, str]] = []
         self.num_detections = 0
         self.num_images = self.num_frames = self.num_videos = 0
         self.next_id = 1
-        self._results = results
-        if results is not None:
-            results.write("[")
+        self.io_threads = io_threads or min(8, max(3, _usable_cores()))
+        self._results: Optional[IO] = None
+
+    def _add_json(self, line: str) -> None:
+        if self._results is not None:
+            self._results.write(("," if self.num_detections else "") + line)
+        self.num_detections += 1
 
     def _add(self, dets: list[dict]) -> None:
         for d in dets:
-            if self._results is not None:
-                self._results.write(("," if self.num_detections else "") + json.dumps(d))
-            self.num_detections += 1
+            self._add_json(json.dumps(d))
 
     def finish(self) -> None:
         """Close the results' JSON list."""
         if self._results is not None:
             self._results.write("]")
 
-    def images(self, paths: list[Path]) -> None:
-        """Detect in every readable image; report the others by path and go on.
+    # ---- images: this process's parts, then (rank 0) the merge ---------------------------------------------------
+    def images(self, paths: list[Path], store) -> None:
+        """Detect in every readable image of this process's parts of ``store`` and write each finished part.
 
-        I/O threads keep the model busy: they read the next batch while the model runs, and draw, write and
-        RLE-encode the previous batches (decoding, drawing and encoding release the GIL). Results are recorded
-        in input order.
+        Batches are runs of ``batch_size`` input positions inside a part (an unreadable file leaves its batch one
+        image short), so every process count forms the same batches. I/O threads keep the model busy: they read
+        the next batches while the model runs, and draw, write and RLE-encode the previous ones (decoding,
+        drawing and encoding release the GIL).
         """
         from tqdm import tqdm
 
-        from .io import ImageReadError, read_image
-
-        def read(path: Path):
-            try:
-                return read_image(path)
-            except ImageReadError as e:
-                return e
-
-        bar = tqdm(total=len(paths), unit="img", desc="detect", file=sys.stderr)
+        from .detect_parts import world
+        rank, world_size = world()
+        self.next_id = len(paths) + 1  # an image's id is its position + 1 (unreadable files use up an id too)
+        out = [self._out_path(p, p.suffix if p.suffix.lower() in _KEEP_SUFFIXES else ".png") for p in paths]
+        if rank == 0:
+            store.remove_others()
+            done = len(store.done())
+            if done:
+                print(f"resuming: {done} of {store.num_parts} parts were done by an earlier run", file=sys.stderr)
+        parts = store.todo(rank, world_size)
         bs = self.det.batch_size
-        with ThreadPoolExecutor(max_workers=3, thread_name_prefix="vild-detect-io") as pool:
-            todo, reads, writes, batch = iter(paths), deque(), [], []
-            for path in itertools.islice(todo, 2 * bs):  # reads run up to two batches ahead
-                reads.append((path, pool.submit(read, path)))
+        batches = [(part, positions[k:k + bs]) for part in parts
+                   for positions in [list(store.positions(part))] for k in range(0, len(positions), bs)]
+        bar = tqdm(total=sum(len(b) for _, b in batches), unit="img", desc="detect", file=sys.stderr,
+                   **({"disable": True} if rank else {}))  # one bar, rank 0's
+        tally = {part: _PartTally(sum(1 for b in batches if b[0] == part)) for part in parts}
+        with ThreadPoolExecutor(max_workers=self.io_threads, thread_name_prefix="vild-detect-io") as pool:
+            todo, reads, writes, saved = iter(batches), deque(), deque(), []
+            for part, positions in itertools.islice(todo, 2):  # reads run up to two batches ahead
+                reads.append((part, positions, [pool.submit(_read, paths[i]) for i in positions]))
             while reads:
-                path, future = reads.popleft()
+                part, positions, futures = reads.popleft()
                 nxt = next(todo, None)
                 if nxt is not None:
-                    reads.append((nxt, pool.submit(read, nxt)))
-                image = future.result()
-                image_id, self.next_id = self.next_id, self.next_id + 1  # unreadable files use up an id too
-                if isinstance(image, ImageReadError):
-                    self._fail(path, image.reason, str(image), bar)
-                    bar.update(1)
-                    continue
-                batch.append((path, image_id, image))
-                if len(batch) == bs:
-                    self._detect_batch(batch, pool, writes, bar)
-                    batch = []
-            if batch:
-                self._detect_batch(batch, pool, writes, bar)
-            self._collect(writes, bar)
+                    reads.append((nxt[0], nxt[1], [pool.submit(_read, paths[i]) for i in nxt[1]]))
+                ok = []
+                for i, future in zip(positions, futures):
+                    image = future.result()
+                    if isinstance(image, Exception):
+                        tally[part].failures.append([str(paths[i]), image.reason])
+                        bar.write(f"skipped {paths[i]}: {image}", file=sys.stderr)
+                        bar.update(1)
+                    else:
+                        ok.append((i, image))
+                results = self.det.predict([im for _, im in ok], [str(paths[i]) for i, _ in ok]) if ok else []
+                if len(writes) == 2:  # at most two batches' results held: masks are [n, H, W] bytes each
+                    self._collect(writes.popleft(), tally, store, pool, saved, bar)
+                # one task per image: a batch's images are drawn and encoded on as many threads
+                jobs = [pool.submit(self._write_one, paths[i], i + 1, out[i], r) for (i, _), r in zip(ok, results)]
+                writes.append((part, jobs))
+            while writes:
+                self._collect(writes.popleft(), tally, store, pool, saved, bar)
+            for future in saved:
+                future.result()  # re-raises a failed part write here
         bar.close()
 
-    def _detect_batch(self, batch: list, pool, writes: list, bar) -> None:
-        results = self.det.predict([im for _, _, im in batch], [str(p) for p, _, _ in batch])
-        self._collect(writes[:-1], bar)  # at most two batches' writes in flight
-        del writes[:-1]
-        out = [self._out_path(p, p.suffix if p.suffix.lower() in _KEEP_SUFFIXES else ".png") for p, _, _ in batch]
-        writes.append((pool.submit(self._write_batch, batch, results, out), len(batch)))
+    def _write_one(self, path: Path, image_id: int, dst: Path, result) -> tuple[list[str], Optional[str]]:
+        """The annotated image; its COCO results as JSON lines, and its path if --coco-gt lacks it (an I/O
+        thread's)."""
+        result.save(dst)
+        lines = [json.dumps(d) for d in self._coco_results(result, path, image_id)]
+        return lines, str(path) if self.ids is not None and path in self.ids.unmatched else None
 
-    def _write_batch(self, batch: list, results: list, out: list[Path]) -> list[dict]:
-        """Annotated images to ``out``; the batch's COCO results (runs on the I/O thread)."""
-        dets: list[dict] = []
-        for (path, image_id, _), r, dst in zip(batch, results, out):
-            r.save(dst)
-            dets += self._coco_results(r, path, image_id)
-        return dets
+    def _collect(self, write: tuple, tally: dict, store, pool, saved: list, bar) -> None:
+        part, jobs = write
+        t = tally[part]
+        for job in jobs:
+            lines, unmatched = job.result()  # re-raises a failed write here
+            t.lines += lines
+            t.images += 1
+            if unmatched:
+                t.unmatched.append(unmatched)
+        t.batches_left -= 1
+        bar.update(len(jobs))
+        if t.batches_left == 0:  # the part is complete: store it (and free its lines)
+            summary = {"images": t.images, "failures": t.failures, "unmatched": t.unmatched}
+            saved.append(pool.submit(store.write, part, summary, t.lines))
+            del tally[part]
 
-    def _collect(self, writes: list, bar) -> None:
-        for future, n in writes:
-            self._add(future.result())  # re-raises a failed write here
-            self.num_images += n
-            bar.update(n)
+    def merge(self, store, results: Optional[IO]) -> None:
+        """Stream every part's detections into ``results`` in input order and take their tallies (rank 0)."""
+        self._results = results
+        if results is not None:
+            results.write("[")
+        for summary, lines in store.read():
+            self.num_images += summary["images"]
+            self.failures += [(Path(f), reason) for f, reason in summary["failures"]]
+            if self.ids is not None:
+                self.ids.unmatched.update(Path(f) for f in summary["unmatched"])
+            for line in lines:
+                self._add_json(line)
 
     def video(self, path: Path) -> None:
         """Annotate every frame of a video into an mp4 (mp4v) in the output folder."""
@@ -374,3 +489,7 @@ class _Run:
             line += (f"; {len(self.ids.unmatched)} not in --coco-gt, so left out of detections.json "
                      f"(is it the right split?)")
         return line
+
+
+if __name__ == "__main__":  # torchrun -m vild.detect_cli ...
+    sys.exit(main())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import IO, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -20,11 +20,15 @@ class ImageReadError(Exception):
 
 
 def read_image(path: Union[str, os.PathLike]) -> torch.Tensor:
-    """Read an image file as uint8 RGB [3, H, W], EXIF orientation applied; raises ImageReadError."""
+    """Read an image file as uint8 RGB [3, H, W], EXIF orientation applied; raises ImageReadError.
+
+    JPEGs in RGB or grayscale are decoded by torchvision (libjpeg-turbo, straight into a tensor); the result is
+    then a [3, H, W] view of H×W×3 pixels, as drawing and encoding want them. Everything else goes through PIL.
+    """
     p = Path(path)
     if not p.is_file():
         raise ImageReadError(p, "not found" if not p.exists() else "not a file")
-    return _decode(p, p)
+    return _decode(p.read_bytes(), p)  # one open: PIL reads the header from these bytes and the decoder the rest
 
 
 def decode_image(data: bytes, name: str = "image", max_pixels: Optional[int] = None) -> torch.Tensor:
@@ -32,16 +36,19 @@ def decode_image(data: bytes, name: str = "image", max_pixels: Optional[int] = N
 
     With ``max_pixels``, a larger image is refused (reason "too many pixels") from its header, before decoding.
     """
-    return _decode(io.BytesIO(data), name, max_pixels)
+    return _decode(data, name, max_pixels)
 
 
-def _decode(source: Union[Path, IO[bytes]], name: Union[str, os.PathLike], max_pixels: Optional[int] = None
-            ) -> torch.Tensor:
+def _decode(data: bytes, name: Union[str, os.PathLike], max_pixels: Optional[int] = None) -> torch.Tensor:
     try:
-        with Image.open(source) as img:
+        with Image.open(io.BytesIO(data)) as img:  # the header only; refuses decompression bombs
             if max_pixels is not None and img.width * img.height > max_pixels:
                 raise ImageReadError(name, "too many pixels", f"{img.width}x{img.height} = "
                                      f"{img.width * img.height} pixels; the limit is {max_pixels}")
+            if img.format == "JPEG" and img.mode in ("RGB", "L"):
+                fast = _decode_jpeg(data)
+                if fast is not None:
+                    return fast
             img.load()  # PIL opens lazily: decoding errors (truncation) only surface here
             return pil_to_tensor(img)
     except UnidentifiedImageError:
@@ -51,6 +58,20 @@ def _decode(source: Union[Path, IO[bytes]], name: Union[str, os.PathLike], max_p
     except (OSError, SyntaxError, ValueError) as e:  # PIL reports broken data as any of these
         reason = "truncated" if "truncated" in str(e) else "corrupt"
         raise ImageReadError(name, reason, str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
+
+
+def _decode_jpeg(data: bytes) -> Optional[torch.Tensor]:
+    """torchvision's JPEG decoder, where this torchvision has it; None when it is absent or fails (PIL then
+    decodes the file, or names what is wrong with it)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+    try:
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a writable copy: torch warns otherwise
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except (RuntimeError, ValueError, TypeError):
+        return None
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

@@ -5,7 +5,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
@@ -13,6 +13,7 @@ from pycocotools import mask as mask_utils
 
 from ..utils import comm
 from ..utils.atomic import atomic_write_json
+from ..utils.mask_bounds import mask_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -21,15 +22,67 @@ def _np(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def encode_masks(masks: Any) -> list[dict]:
-    """Binary masks [n, H, W] (tensor or array; [n, 1, H, W] too) → COCO RLEs with text counts, one pycocotools call."""
+def encode_masks(masks: Any, bounds: Optional[np.ndarray] = None) -> list[dict]:
+    """Binary masks [n, H, W] (tensor or array; [n, 1, H, W] too) → COCO RLEs with text counts.
+
+    The RLEs are those of pycocotools' ``encode`` of the whole masks. Each mask's runs are counted only inside
+    the rows and columns it covers (``bounds`` from ``vild.utils.mask_bounds``, computed when not given), and
+    the zeros around them are added arithmetically: a detection covers a small part of a photo.
+    """
     m = _np(masks)
     m = m.reshape(-1, *m.shape[-2:])
-    # pycocotools takes a Fortran-ordered [H, W, n] uint8 array, which is the memory of a C-ordered [n, W, H]
-    # one: a single transposing copy (that also casts) instead of a cast, a copy and a reorder
-    f = np.ascontiguousarray(np.swapaxes(m, 1, 2), dtype=np.uint8).transpose(2, 1, 0)
-    return [{"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")}  # JSON needs text
-            for r in mask_utils.encode(f)]
+    n, h, w = m.shape
+    if n == 0:
+        return []
+    m = m if m.dtype == np.bool_ else m != 0
+    if bounds is None:
+        bounds = mask_bounds(m)
+    rles = mask_utils.frPyObjects([{"size": [h, w], "counts": c} for c in _rle_counts(m, bounds)], h, w)
+    return [{"size": [h, w], "counts": r["counts"].decode("ascii")} for r in rles]  # JSON needs text
+
+
+def _rle_counts(m: np.ndarray, bounds: np.ndarray) -> list[np.ndarray]:
+    """Uncompressed COCO RLE counts of bool masks [n, H, W], each zero outside its bounds (y0, y1, x0, x1).
+
+    COCO runs go down the columns, alternating zeros and ones and starting with zeros. The windows are laid out
+    one after another, each read column by column with one zero row added above and below it: every column
+    then starts and ends inside a run of zeros, no run crosses from one window into the next, and each added
+    row stands for the image's y0 rows above the window (H - y1 below it). One pass finds every window's runs.
+    """
+    n, h, w = m.shape
+    out = [np.array([h * w], dtype=np.int64) for _ in range(n)]  # an empty mask: one run of zeros
+    b = np.asarray(bounds, dtype=np.int64)
+    idx = np.flatnonzero((b[:, 1] > b[:, 0]) & (b[:, 3] > b[:, 2]))
+    if not len(idx):
+        return out
+    y0, y1, x0, x1 = b[idx].T
+    rows = y1 - y0 + 2
+    offsets = np.concatenate(([0], np.cumsum((x1 - x0) * rows)))
+    seq = np.zeros(offsets[-1], dtype=np.uint8)
+    for k, i in enumerate(idx):
+        window = seq[offsets[k]:offsets[k + 1]].reshape(x1[k] - x0[k], rows[k])
+        window[:, 1:-1] = m[i, y0[k]:y1[k], x0[k]:x1[k]].T
+    # run boundaries: the changes, and the windows' starts (never a change: both sides are added zeros)
+    edges = np.sort(np.concatenate((np.flatnonzero(seq[1:] != seq[:-1]) + 1, offsets)))
+    win = np.searchsorted(offsets, edges[:-1], side="right") - 1  # the window of each run
+    first = np.concatenate(([True], win[1:] != win[:-1]))
+    last = np.concatenate((win[1:] != win[:-1], [True]))
+    zeros = (np.arange(len(win)) - np.flatnonzero(first)[np.cumsum(first) - 1]) % 2 == 0  # even runs: zeros
+    start, end, r = edges[:-1] - offsets[win], edges[1:] - offsets[win], rows[win]
+    top = (end - 1) // r - (start - 1) // r  # added rows above a column inside this run
+    bottom = (end - r) // r - (start - r) // r  # ... and below one (at offset r - 1)
+    length = end - start + np.where(zeros, top * (y0[win] - 1) + bottom * (h - y1[win] - 1), 0)
+    length[first] += x0[win[first]] * h
+    length[last] += (w - x1[win[last]]) * h
+    # a window spanning the image's height can leave an empty run of zeros between two columns: it joins the
+    # runs of ones on both sides, as a whole-image count would; an empty last run of zeros disappears
+    empty = zeros & (length == 0) & ~first
+    starts_group = ~(empty | (np.concatenate(([False], empty[:-1])) & ~zeros))
+    counts = np.bincount(np.cumsum(starts_group) - 1, weights=length).astype(np.int64)
+    per_window = np.bincount(win[starts_group], minlength=len(idx))
+    for i, c in zip(idx, np.split(counts, np.cumsum(per_window)[:-1])):
+        out[i] = c
+    return out
 
 
 def instances_to_results(image_id: int, output: dict, category_ids: list[int]) -> tuple[list[dict], list[dict]]:

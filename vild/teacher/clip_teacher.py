@@ -5,6 +5,7 @@ import difflib
 import hashlib
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
+from tqdm import tqdm
 
 from ..utils.atomic import atomic_save
 from .templates import fill_template, get_templates, prompt_plan
@@ -78,6 +80,8 @@ class CLIPTeacher(nn.Module):
     Text embeddings are cached as files in ``cache_dir``; with ``write_cache = False`` existing files are
     still read but no new ones are written (a server, whose requests choose the names, sets that).
     """
+
+    PROGRESS_DELAY_S = 2.0  # a cold text encoding longer than this shows a progress bar with its ETA
 
     def __init__(self, model_name: str, pretrained: Optional[str], device: Union[str, torch.device] = "cpu",
                  templates: Union[str, Sequence[str]] = "vild", cache_dir: Optional[str] = None,
@@ -187,11 +191,18 @@ class CLIPTeacher(nn.Module):
         prompts, prompt_synonym, synonym_category = prompt_plan(vocab, self.templates)
         # Sums of unit vectors point along their mean, so summing per synonym is enough.
         per_syn = torch.zeros(len(synonym_category), self.embed_dim)
-        for b in range(0, len(prompts), self.batch_size):
-            texts, idx = prompts[b:b + self.batch_size], prompt_synonym[b:b + self.batch_size]
-            with self._autocast():
-                e = encode_prompts(self.model, self.tokenizer(texts), self.device, self._truncate_prompts)
-            per_syn.index_add_(0, torch.tensor(idx), F.normalize(e.float(), dim=-1).cpu())
+        # on the CPU the text tower runs on torch's intra-op threads: every core unless torch.set_num_threads or
+        # OMP_NUM_THREADS (which torchrun sets to 1 per process) says otherwise; the bar says how many
+        where = f"{torch.get_num_threads()} CPU threads" if self.device.type == "cpu" else str(self.device)
+        desc = f"embedding {len(vocab)} names x {len(self.templates)} templates on {where}"
+        # shown only past PROGRESS_DELAY_S (a cold LVIS vocabulary takes minutes on a CPU); TQDM_DISABLE=1 hides it
+        with tqdm(total=len(prompts), desc=desc, unit="prompt", delay=self.PROGRESS_DELAY_S, file=sys.stderr) as bar:
+            for b in range(0, len(prompts), self.batch_size):
+                texts, idx = prompts[b:b + self.batch_size], prompt_synonym[b:b + self.batch_size]
+                with self._autocast():
+                    e = encode_prompts(self.model, self.tokenizer(texts), self.device, self._truncate_prompts)
+                per_syn.index_add_(0, torch.tensor(idx), F.normalize(e.float(), dim=-1).cpu())
+                bar.update(len(idx))
         per_syn = F.normalize(per_syn, dim=-1)
         per_cat = torch.zeros(len(vocab), self.embed_dim).index_add_(0, torch.tensor(synonym_category), per_syn)
         return F.normalize(per_cat, dim=-1)
