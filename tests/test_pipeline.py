@@ -64,6 +64,10 @@ def test_one_command_from_nothing_to_metrics_and_detect(world, box_only, from_no
     assert len(store) == world["num_train"]
     final = load_checkpoint(out / "model_final.pth")
     assert final["cfg"]["MODEL"]["VILD"]["VARIANT"] == "vild" and final["cfg"]["MODEL"]["MASK_ON"] is False
+    # calibrated for display before the evaluation: region mean of both heads, a threshold vild-detect uses
+    cal = final["calibration"]
+    assert len(cal["region_mean"]) == 2 and any(v != 0 for v in cal["region_mean"][0])
+    assert 0.0 <= cal["score_thresh"] <= 1.0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == ["store"] + ["distill"] * 4 + ["evaluate"]
     assert all(r["loss_distill"] > 0 for r in rows if r["stage"] == "distill")

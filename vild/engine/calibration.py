@@ -113,3 +113,27 @@ def apply_calibration(model: ViLD, entry: dict | None) -> bool:
                          f"({tuple(model.roi_heads.region_mean.shape)}): measure it again for this checkpoint")
     model.roi_heads.region_mean.copy_(mean)
     return True
+
+
+def dataset_images(cfg, name: str, limit: int) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, list[str]]], list[str]]:
+    """The first ``limit`` images of dataset ``name`` (untransformed), their boxes and category display names,
+    and the names of every category it has."""
+    from ..data import build_dataset
+    ds = build_dataset(cfg, name, train=False, masks=False, unreadable="skip")
+    names = [syns[0] for syns in ds.category_names]
+    images, targets = [], []
+    for i in range(min(limit, len(ds))):
+        item = ds[i]
+        if item is None:
+            continue
+        image, target = item
+        images.append(image)
+        targets.append((target["boxes"], [names[int(k)] for k in target["labels"]]))
+    return images, targets, names
+
+
+def calibrate_from_config(cfg, weights: str, train_images: int = 200, val_images: int = 500) -> dict:
+    """Calibrate ``weights`` on the config's first training set (region mean) and first test set (threshold)."""
+    train, _, _ = dataset_images(cfg, cfg.DATASETS.TRAIN[0], train_images)
+    val, targets, names = dataset_images(cfg, cfg.DATASETS.TEST[0], val_images)
+    return calibrate_checkpoint(weights, train, val, targets, names)

@@ -241,12 +241,19 @@ class Pipeline:
     def evaluate(self, trainer: Any) -> dict:
         """Stage 4: DATASETS.TEST scored with the final weights (reused when the weights and test sets match)."""
         from ..teacher.clip_teacher import sha256_file
+        from .calibration import calibrate_from_config
         from .trainer import Trainer, _flatten
         cfg = self.cfg
         if not cfg.DATASETS.TEST:
             self.log("evaluate").info("stage 4/4 evaluate: DATASETS.TEST is empty, nothing to evaluate")
             return {}
         final = self.out / "model_final.pth"
+        if comm.is_main_process() and "calibration" not in load_checkpoint(final):
+            # the display scoring of Detector / vild-detect: region mean and threshold (vild.engine.calibration)
+            entry = calibrate_from_config(cfg, str(final))
+            self.log("evaluate").info("calibrated %s: display threshold %.4g (F1 %.2f on %s)", final,
+                                      entry["score_thresh"], entry["f1"], cfg.DATASETS.TEST[0])
+        comm.synchronize()
         inputs = {"model_sha256": sha256_file(final), "test": [dataset_identity(cfg, n) for n in cfg.DATASETS.TEST],
                   "settings": json.loads(json.dumps(cfg.TEST.to_dict()))}
         rec = self.records["stages"].get("evaluate") or {}
