@@ -201,3 +201,18 @@ def test_datasets_over_the_same_images_share_one_inference_pass(world, teacher_f
     alone = train_main(["--config", "tiny_test.yaml", "--eval-only", *opts])
     for kind in ("bbox", "segm"):  # (NaN-aware: APl is NaN on 128-pixel images)
         assert alone["synth_val_coco"][kind] == pytest.approx(both["synth_val_coco"][kind], nan_ok=True)
+
+
+def test_vild_text_with_a_store_in_its_config_opens_no_store(world, teacher_file, monkeypatch):
+    """Only a distilling variant reads CLIP proposals: ViLD-text with DATASETS.PROPOSAL_STORE set opens nothing."""
+    import vild.data.proposal_store as store_mod
+    from vild.config import load_config
+    from vild.engine.trainer import Trainer
+    opened = []
+    monkeypatch.setattr(store_mod.ProposalStore, "__init__", lambda self, *a, **k: opened.append(a))
+    cfg = load_config("tiny_test.yaml", world_opts(world, teacher_file / "text_store", variant="text",
+                                                   **{"DATASETS.PROPOSAL_STORE": str(teacher_file / "no_store")}))
+    ds = Trainer(cfg).train_dataset()
+    assert not opened and ds.proposal_store is None
+    item = ds[0][1]
+    assert len(item.get("proposal_boxes", [])) == 0

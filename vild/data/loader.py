@@ -21,14 +21,13 @@ from .transforms import build_transforms
 def build_dataset(cfg: Any, name: str, train: bool, proposal_store: ProposalStore | str | None = None,
                   filter_empty: bool | None = None, unreadable: str | None = None,
                   masks: bool = True, keep_api: bool | None = None) -> DetectionDataset:
-    """Resolve ``name`` through the catalog; training sets open cfg.DATASETS.PROPOSAL_STORE when none is given.
+    """Resolve ``name`` through the catalog; ``proposal_store`` (a store or its folder) gives training items
+    their CLIP proposals (the trainer decides whether a run opens one: ``Trainer.train_dataset``).
 
     A user's dataset (DATASETS.CUSTOM, ``register_dataset``) is validated on load; DATASETS.NOVEL names its
     held-out categories when its SPLIT is ``all``.
     """
     meta = get_dataset_meta(name, cfg)
-    if proposal_store is None and train and cfg.DATASETS.PROPOSAL_STORE:
-        proposal_store = cfg.DATASETS.PROPOSAL_STORE
     if isinstance(proposal_store, (str, bytes)) or hasattr(proposal_store, "__fspath__"):
         proposal_store = ProposalStore(proposal_store)
     return DetectionDataset(meta.json_file, meta.image_root, meta.evaluator_type, meta.split, train,
