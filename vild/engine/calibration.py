@@ -115,7 +115,8 @@ def apply_calibration(model: ViLD, entry: dict | None) -> bool:
     return True
 
 
-def dataset_images(cfg, name: str, limit: int) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, list[str]]], list[str]]:
+def dataset_images(cfg, name: str, limit: int
+                   ) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, list[str]]], list[str]]:
     """The first ``limit`` images of dataset ``name`` (untransformed), their boxes and category display names,
     and the names of every category it has."""
     from ..data import build_dataset

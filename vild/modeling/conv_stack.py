@@ -1,10 +1,10 @@
 """Running the heads' conv → fc stacks in the form a CPU computes fastest; same values, other kernels.
 
-Measured on one core of the 2-core CPU (fp32, the R50 heads): channels-last convs ran ~25 % faster (1000 RoIs at
-7x7: 1.07 s vs 1.38 s for 4 convs); BatchNorm folded into the conv at inference saved 24 ms per conv block (1000
-RoIs at 7x7 or 250 at 14x14); the box head's fc as a 7x7 convolution (oneDNN) instead of flatten + linear (MKL)
-took 0.15 s instead of 0.27 s at 1000 RoIs, and 0.83 s instead of 1.24 s forward + backward at 1624 RoIs. GPUs
-keep the modules' own forward (not measured there).
+On the CPU: convs in channels-last layout, BatchNorm folded into the preceding conv at inference, and the
+box head's first fc computed as a convolution over the pooled 7×7 grid (oneDNN's convolution kernels run
+it faster than a flatten and MKL's linear). Tests check that losses, gradients and detections equal the
+modules' own forward; GPUs, and stacks with hooks, keep the modules' own forward.
+`benchmarks/run.py` measures the heads' speed.
 """
 from __future__ import annotations
 

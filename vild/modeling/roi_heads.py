@@ -1,4 +1,10 @@
-"""ViLD RoI heads: sample RoIs, embed them, classify against text, distill toward CLIP, predict masks."""
+"""ViLD RoI heads: sample RoIs, embed them, classify against text, distill toward CLIP, predict masks.
+
+Shapes: B images; R RoIs (all images, concatenated); K categories of the vocabulary and Kr hidden reference
+ones; D embedding size (the CLIP teacher's); M mask side (28). Classification labels: 0 = background,
+k + 1 = category k; scores and detection labels drop the background (label k = category k). Boxes are xyxy
+in the (resized) network input's pixels until ``ViLD.forward`` maps them back to each image.
+"""
 from __future__ import annotations
 
 from typing import NamedTuple

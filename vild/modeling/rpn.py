@@ -5,6 +5,10 @@ Same anchors, head, matching rule (with low-quality matches), sampling distribut
 device. torchvision matches, samples and filters one image at a time, sizing tensors by the data
 (``nonzero``) several times per image and level; here the only value-dependent sizes left are NMS's own
 outputs (one call per image and level, as torchvision's ``batched_nms`` makes for RPN-sized inputs).
+
+Shapes: B images in the batch, A anchors per image (all levels), G ground-truth boxes per image after padding
+(padding rows are -1), P proposals kept per image. Boxes are xyxy in the padded batch's pixels; anchor labels
+are 1 (foreground), 0 (background), -1 (ignored).
 """
 from __future__ import annotations
 

@@ -4,6 +4,9 @@ torchvision's Matcher and BalancedPositiveNegativeSampler run once per image and
 data (``nonzero``), which on a GPU makes the host wait for the device a few times per image. Here images are
 padded to one [B, N] layout and sampled by random keys and ``topk``: the same distribution (a uniform subset
 of min(#fg, fraction x batch) positives, the rest negatives), with no host synchronisation.
+
+Shapes: B images, G ground-truth boxes and N candidate boxes per image after padding to the batch's largest
+count; padding boxes are all -1 (``pad_boxes``) and never match or get sampled (``box_valid``).
 """
 from __future__ import annotations
 

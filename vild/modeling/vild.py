@@ -89,42 +89,45 @@ class ViLD(nn.Module):
 
 def build_model(cfg: CfgNode, load_pretrained: bool = True) -> ViLD:
     """Build ViLD from a config (see ``vild/config.py``); ``load_pretrained=False``: weights come from a checkpoint."""
-    m = cfg.MODEL
+    model_cfg = cfg.MODEL
     backbone = build_backbone(cfg, load_pretrained)
     channels = backbone.out_channels
-    anchors = AnchorGenerator(tuple(tuple(s) for s in m.ANCHOR.SIZES),
-                              (tuple(m.ANCHOR.ASPECT_RATIOS),) * len(m.ANCHOR.SIZES))
+    anchors = AnchorGenerator(tuple(tuple(s) for s in model_cfg.ANCHOR.SIZES),
+                              (tuple(model_cfg.ANCHOR.ASPECT_RATIOS),) * len(model_cfg.ANCHOR.SIZES))
+    rpn_cfg = model_cfg.RPN
     rpn = BatchedRPN(
-        anchors, RPNHead(channels, anchors.num_anchors_per_location()[0], conv_depth=m.RPN.CONV_DEPTH),
-        m.RPN.FG_IOU_THRESH, m.RPN.BG_IOU_THRESH, m.RPN.BATCH_SIZE_PER_IMAGE, m.RPN.POSITIVE_FRACTION,
-        dict(training=m.RPN.PRE_NMS_TOPK_TRAIN, testing=m.RPN.PRE_NMS_TOPK_TEST),
-        dict(training=m.RPN.POST_NMS_TOPK_TRAIN, testing=m.RPN.POST_NMS_TOPK_TEST), m.RPN.NMS_THRESH)
-    levels = [str(i) for i in range(len(m.BACKBONE.RETURNED_LAYERS))]
-    bh = m.ROI_BOX_HEAD
-    box_pooler = MultiScaleRoIAlign(levels, bh.POOLER_RESOLUTION, bh.POOLER_SAMPLING_RATIO)
-    head_norm = norm_layer_for(bh.NORM) if bh.NORM else None
-    v = m.VILD
+        anchors, RPNHead(channels, anchors.num_anchors_per_location()[0], conv_depth=rpn_cfg.CONV_DEPTH),
+        rpn_cfg.FG_IOU_THRESH, rpn_cfg.BG_IOU_THRESH, rpn_cfg.BATCH_SIZE_PER_IMAGE, rpn_cfg.POSITIVE_FRACTION,
+        dict(training=rpn_cfg.PRE_NMS_TOPK_TRAIN, testing=rpn_cfg.PRE_NMS_TOPK_TEST),
+        dict(training=rpn_cfg.POST_NMS_TOPK_TRAIN, testing=rpn_cfg.POST_NMS_TOPK_TEST), rpn_cfg.NMS_THRESH)
+    levels = [str(i) for i in range(len(model_cfg.BACKBONE.RETURNED_LAYERS))]
+    box_cfg = model_cfg.ROI_BOX_HEAD
+    box_pooler = MultiScaleRoIAlign(levels, box_cfg.POOLER_RESOLUTION, box_cfg.POOLER_SAMPLING_RATIO)
+    head_norm = norm_layer_for(box_cfg.NORM) if box_cfg.NORM else None
+    vild_cfg = model_cfg.VILD
 
     def box_head(with_regression: bool) -> ViLDBoxHead:
-        return ViLDBoxHead(channels, bh.POOLER_RESOLUTION, bh.NUM_CONV, bh.CONV_DIM, bh.NUM_FC, bh.FC_DIM,
-                           v.EMBED_DIM, head_norm, with_regression)
+        return ViLDBoxHead(channels, box_cfg.POOLER_RESOLUTION, box_cfg.NUM_CONV, box_cfg.CONV_DIM, box_cfg.NUM_FC,
+                           box_cfg.FC_DIM, vild_cfg.EMBED_DIM, head_norm, with_regression)
 
     mask_pooler = mask_head = mask_predictor = None
-    if m.MASK_ON:
-        mh = m.ROI_MASK_HEAD
-        mask_pooler = MultiScaleRoIAlign(levels, mh.POOLER_RESOLUTION, mh.POOLER_SAMPLING_RATIO)
-        mask_head = MaskRCNNHeads(channels, [mh.CONV_DIM] * mh.NUM_CONV, 1, norm_layer=head_norm)
-        mask_predictor = MaskRCNNPredictor(mh.CONV_DIM, mh.CONV_DIM, 1)  # class-agnostic: one mask channel
-    rh = m.ROI_HEADS
+    if model_cfg.MASK_ON:
+        mask_cfg = model_cfg.ROI_MASK_HEAD
+        mask_pooler = MultiScaleRoIAlign(levels, mask_cfg.POOLER_RESOLUTION, mask_cfg.POOLER_SAMPLING_RATIO)
+        mask_head = MaskRCNNHeads(channels, [mask_cfg.CONV_DIM] * mask_cfg.NUM_CONV, 1, norm_layer=head_norm)
+        mask_predictor = MaskRCNNPredictor(mask_cfg.CONV_DIM, mask_cfg.CONV_DIM, 1)  # class-agnostic: one mask channel
+    heads_cfg = model_cfg.ROI_HEADS
     roi_heads = ViLDRoIHeads(
-        box_pooler, box_head(True), box_head(False) if v.VARIANT == "ensemble" else None,
-        TextClassifier(v.EMBED_DIM, v.TEMPERATURE), mask_pooler, mask_head, mask_predictor,
-        variant=v.VARIANT, fg_iou_thresh=rh.FG_IOU_THRESH, bg_iou_thresh=rh.BG_IOU_THRESH,
-        batch_size_per_image=rh.BATCH_SIZE_PER_IMAGE, positive_fraction=rh.POSITIVE_FRACTION,
-        bbox_reg_weights=tuple(bh.BBOX_REG_WEIGHTS), distill_weight=v.DISTILL_WEIGHT,
-        num_distill_proposals=v.NUM_DISTILL_PROPOSALS, ensemble_lambda=v.ENSEMBLE_LAMBDA,
-        test_settings=DetectionSettings(rh.SCORE_THRESH_TEST, rh.NMS_THRESH_TEST, rh.DETECTIONS_PER_IMAGE,
-                                        rh.TOPK_CANDIDATES_TEST, rh.CLASS_AGNOSTIC_NMS_TEST,
-                                        rh.OBJECTNESS_WEIGHT_TEST, rh.CENTERING_TEST))
-    pre = ImagePreprocessor(m.PIXEL_MEAN, m.PIXEL_STD, cfg.INPUT.TEST_SIZE, cfg.INPUT.SIZE_DIVISIBILITY)
-    return ViLD(pre, backbone, rpn, roi_heads, m.ROI_MASK_HEAD.MASK_THRESHOLD)
+        box_pooler, box_head(True), box_head(False) if vild_cfg.VARIANT == "ensemble" else None,
+        TextClassifier(vild_cfg.EMBED_DIM, vild_cfg.TEMPERATURE), mask_pooler, mask_head, mask_predictor,
+        variant=vild_cfg.VARIANT, fg_iou_thresh=heads_cfg.FG_IOU_THRESH, bg_iou_thresh=heads_cfg.BG_IOU_THRESH,
+        batch_size_per_image=heads_cfg.BATCH_SIZE_PER_IMAGE, positive_fraction=heads_cfg.POSITIVE_FRACTION,
+        bbox_reg_weights=tuple(box_cfg.BBOX_REG_WEIGHTS), distill_weight=vild_cfg.DISTILL_WEIGHT,
+        num_distill_proposals=vild_cfg.NUM_DISTILL_PROPOSALS, ensemble_lambda=vild_cfg.ENSEMBLE_LAMBDA,
+        test_settings=DetectionSettings(heads_cfg.SCORE_THRESH_TEST, heads_cfg.NMS_THRESH_TEST,
+                                        heads_cfg.DETECTIONS_PER_IMAGE, heads_cfg.TOPK_CANDIDATES_TEST,
+                                        heads_cfg.CLASS_AGNOSTIC_NMS_TEST, heads_cfg.OBJECTNESS_WEIGHT_TEST,
+                                        heads_cfg.CENTERING_TEST))
+    pre = ImagePreprocessor(model_cfg.PIXEL_MEAN, model_cfg.PIXEL_STD, cfg.INPUT.TEST_SIZE,
+                            cfg.INPUT.SIZE_DIVISIBILITY)
+    return ViLD(pre, backbone, rpn, roi_heads, model_cfg.ROI_MASK_HEAD.MASK_THRESHOLD)
