@@ -35,20 +35,25 @@ class ViLD(nn.Module):
         """Swap the vocabulary: [K, D] normalised text embeddings; ``base_mask`` marks training categories."""
         self.roi_heads.classifier.set_vocabulary(text_embeddings, base_mask)
 
+    def extract_features(self, images: torch.Tensor) -> tuple[dict, dict]:
+        """Feature maps for the RPN and for the RoI heads: the same FPN levels here (F-VLM's heads get one more)."""
+        features = self.backbone(images)
+        return features, features
+
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None,
                 paste_masks: bool = True) -> dict[str, torch.Tensor] | list[dict]:
         """Training: dict of losses. Inference: per-image dicts of boxes, scores, labels, masks (original frame)."""
         if self.training and targets is None:
             raise ValueError("training mode needs targets; call model.eval() for inference")
         batch, original_sizes = self.preprocessor(images)
-        features = self.backbone(batch.tensors)
+        rpn_features, features = self.extract_features(batch.tensors)
         if self.training:
             targets = [{k: (v.to(batch.tensors.device) if torch.is_tensor(v) else v) for k, v in t.items()}
                        for t in targets]
-            proposals, rpn_losses = self.rpn(batch, features, targets)
+            proposals, rpn_losses = self.rpn(batch, rpn_features, targets)
             losses = self.roi_heads.forward_train(features, proposals, batch.image_sizes, targets)
             return {**rpn_losses, **losses}
-        proposals, _ = self.rpn(batch, features)
+        proposals, _ = self.rpn(batch, rpn_features)
         results = self.roi_heads.forward_test(features, proposals, batch.image_sizes)
         return self.preprocessor.postprocess(results, batch.image_sizes, original_sizes, self.mask_threshold,
                                              paste=paste_masks)
@@ -60,7 +65,7 @@ class ViLD(nn.Module):
         self.eval()
         try:
             batch, original_sizes = self.preprocessor(images)
-            boxes, scores, *_ = self.rpn.propose(batch, self.backbone(batch.tensors))
+            boxes, scores, *_ = self.rpn.propose(batch, self.extract_features(batch.tensors)[0])
         finally:
             self.train(was_training)
         out = []
@@ -69,10 +74,29 @@ class ViLD(nn.Module):
         return out
 
 
-def build_model(cfg: CfgNode, load_pretrained: bool = True) -> ViLD:
-    """Build ViLD from a config (see ``vild/config.py``); ``load_pretrained=False``: weights come from a checkpoint."""
+def build_model(cfg: CfgNode, load_pretrained: bool = True, teacher: nn.Module | None = None) -> ViLD:
+    """Build ViLD from a config (see ``vild/config.py``); ``load_pretrained=False``: weights come from a checkpoint.
+
+    MODEL.VILD.VARIANT fvlm builds F-VLM (``fvlm.py``), whose frozen trunk is the teacher's in any case: that of
+    ``teacher`` (a loaded ``CLIPTeacher``) if given, else read from TEACHER.MODEL / TEACHER.PRETRAINED.
+    """
+    if cfg.MODEL.VILD.VARIANT == "fvlm":
+        from .fvlm import build_fvlm
+        return build_fvlm(cfg, teacher)
+    return assemble_model(cfg, build_backbone(cfg, load_pretrained))
+
+
+def assemble_model(cfg: CfgNode, backbone: nn.Module, model_cls: type[ViLD] = ViLD,
+                   heads_cls: type[ViLDRoIHeads] = ViLDRoIHeads, variant: str | None = None,
+                   pixel_mean: list[float] | None = None, pixel_std: list[float] | None = None,
+                   **head_kwargs) -> ViLD:
+    """The detector around ``backbone`` (FPN levels with ``out_channels``): RPN, RoI heads and preprocessing.
+
+    ``variant`` (default MODEL.VILD.VARIANT) goes to ``heads_cls`` with ``head_kwargs``; ``pixel_mean`` and
+    ``pixel_std`` (default MODEL.PIXEL_MEAN / PIXEL_STD) normalise the 0..255 input.
+    """
     m = cfg.MODEL
-    backbone = build_backbone(cfg, load_pretrained)
+    variant = variant or m.VILD.VARIANT
     channels = backbone.out_channels
     anchors = AnchorGenerator(tuple(tuple(s) for s in m.ANCHOR.SIZES),
                               (tuple(m.ANCHOR.ASPECT_RATIOS),) * len(m.ANCHOR.SIZES))
@@ -98,14 +122,15 @@ def build_model(cfg: CfgNode, load_pretrained: bool = True) -> ViLD:
         mask_head = MaskRCNNHeads(channels, [mh.CONV_DIM] * mh.NUM_CONV, 1, norm_layer=head_norm)
         mask_predictor = MaskRCNNPredictor(mh.CONV_DIM, mh.CONV_DIM, 1)  # class-agnostic: one mask channel
     rh = m.ROI_HEADS
-    roi_heads = ViLDRoIHeads(
-        box_pooler, box_head(True), box_head(False) if v.VARIANT == "ensemble" else None,
+    roi_heads = heads_cls(
+        box_pooler, box_head(True), box_head(False) if variant == "ensemble" else None,
         TextClassifier(v.EMBED_DIM, v.TEMPERATURE), mask_pooler, mask_head, mask_predictor,
-        variant=v.VARIANT, fg_iou_thresh=rh.FG_IOU_THRESH, bg_iou_thresh=rh.BG_IOU_THRESH,
+        variant=variant, fg_iou_thresh=rh.FG_IOU_THRESH, bg_iou_thresh=rh.BG_IOU_THRESH,
         batch_size_per_image=rh.BATCH_SIZE_PER_IMAGE, positive_fraction=rh.POSITIVE_FRACTION,
         bbox_reg_weights=tuple(bh.BBOX_REG_WEIGHTS), distill_weight=v.DISTILL_WEIGHT,
         num_distill_proposals=v.NUM_DISTILL_PROPOSALS, ensemble_lambda=v.ENSEMBLE_LAMBDA,
         score_thresh=rh.SCORE_THRESH_TEST, nms_thresh=rh.NMS_THRESH_TEST, detections_per_img=rh.DETECTIONS_PER_IMAGE,
-        topk_candidates=rh.TOPK_CANDIDATES_TEST)
-    pre = ImagePreprocessor(m.PIXEL_MEAN, m.PIXEL_STD, cfg.INPUT.TEST_SIZE, cfg.INPUT.SIZE_DIVISIBILITY)
-    return ViLD(pre, backbone, rpn, roi_heads, m.ROI_MASK_HEAD.MASK_THRESHOLD)
+        topk_candidates=rh.TOPK_CANDIDATES_TEST, **head_kwargs)
+    pre = ImagePreprocessor(pixel_mean or m.PIXEL_MEAN, pixel_std or m.PIXEL_STD, cfg.INPUT.TEST_SIZE,
+                            cfg.INPUT.SIZE_DIVISIBILITY)
+    return model_cls(pre, backbone, rpn, roi_heads, m.ROI_MASK_HEAD.MASK_THRESHOLD)
