@@ -180,7 +180,7 @@ class Detector:
         check_teacher(ckpt.get("teacher") or {}, teacher.identity, path,
                       "put the original teacher weights file beside the checkpoint")
         from .modeling import build_model
-        model = build_model(cfg, load_pretrained=False)  # the checkpoint has every weight
+        model = build_model(cfg, load_pretrained=False, teacher=teacher)  # the checkpoint has every trained weight
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:

@@ -187,12 +187,20 @@ _DEFAULTS: dict = {
             "MASK_THRESHOLD": 0.5,
         },
         "VILD": {
-            "VARIANT": "vild",  # text | vild | ensemble
+            "VARIANT": "vild",  # text | vild | ensemble | fvlm (F-VLM: see MODEL.FVLM)
             "EMBED_DIM": 512,
             "TEMPERATURE": 0.01,
             "DISTILL_WEIGHT": 0.5,
             "ENSEMBLE_LAMBDA": 2.0 / 3.0,
             "NUM_DISTILL_PROPOSALS": 300,
+        },
+        # VARIANT fvlm: the teacher's frozen image trunk (TEACHER.MODEL, an open_clip ModifiedResNet) is the
+        # backbone; MODEL.BACKBONE.RETURNED_LAYERS and OUT_CHANNELS shape the FPN on it
+        "FVLM": {
+            "ALPHA": 0.35,  # weight of CLIP's own region score for base categories (geometric ensemble)
+            "BETA": 0.65,  # and for novel ones
+            "VLM_TEMPERATURE": 0.01,  # softmax temperature of CLIP's region-to-text cosines
+            "TRUNK_DTYPE": "",  # "" (fp32) | fp16 | bf16: the frozen trunk's weights and activations
         },
     },
     "TEACHER": {

@@ -141,7 +141,7 @@ class Trainer:
             from ..teacher import CLIPTeacher  # heavy import kept out of module import time
             teacher = CLIPTeacher.from_config(cfg, self.device)
         self.teacher = teacher
-        self.model = build_model(cfg).to(self.device)
+        self.model = build_model(cfg, teacher=self.teacher).to(self.device)
 
     # ---- data ---------------------------------------------------------------------------------
     def train_dataset(self) -> DetectionDataset:
@@ -151,7 +151,7 @@ class Trainer:
         if len(cfg.DATASETS.TRAIN) != 1:
             raise ValueError(f"DATASETS.TRAIN must name one dataset; got {cfg.DATASETS.TRAIN}")
         store = None
-        if cfg.MODEL.VILD.VARIANT != "text":
+        if cfg.MODEL.VILD.VARIANT in ("vild", "ensemble"):
             if cfg.DATASETS.PROPOSAL_STORE:
                 store = ProposalStore(cfg.DATASETS.PROPOSAL_STORE)
                 self._check_store_teacher(store)

@@ -25,7 +25,7 @@ from .losses import box_regression_loss, classification_loss, distillation_loss
 from .postprocess import DetectionSettings, clip_boxes_per_image, select_detections, select_detections_batched
 from .sampling import batched_box_iou, box_valid, pad_boxes, sample_balanced, sampled_rows
 
-VARIANTS = ("text", "vild", "ensemble")
+VARIANTS = ("text", "vild", "ensemble", "fvlm")  # fvlm trains as text (see fvlm.py)
 
 
 class SampledRoIs(NamedTuple):
@@ -141,7 +141,7 @@ class ViLDRoIHeads(nn.Module):
         """Return the box, classification, distillation and mask losses."""
         sampled = self.sample_rois(proposals, targets)
         rois = sampled.rois
-        distill = self.variant != "text"
+        distill = self.variant in ("vild", "ensemble")
         if not distill:
             emb, deltas = self.text_head(self.box_pooler(features, rois, image_sizes))
         else:
@@ -212,6 +212,12 @@ class ViLDRoIHeads(nn.Module):
             scores = scores.clamp_min(1e-12) ** (1.0 - w) * objectness.float().clamp_min(1e-12)[:, None] ** w
         return scores, deltas
 
+    def rescore(self, scores: torch.Tensor, boxes: torch.Tensor, counts: list[int], features: dict,
+                image_sizes: list) -> torch.Tensor:
+        """Hook for variants that combine the class probabilities [R, K] with another scorer of the decoded boxes
+        [R, 4] (``counts`` per image): F-VLM's frozen CLIP. The probabilities as they are here."""
+        return scores
+
     def _predict_masks(self, features: dict, image_sizes: list, results: list[dict], rows: list[torch.Tensor]) -> None:
         """Class-agnostic masks, computed once per distinct box: detections of several classes from one
         proposal share their box (class-agnostic regression), and so their mask."""
@@ -244,6 +250,7 @@ class ViLDRoIHeads(nn.Module):
         scores, deltas = self.class_scores(pooled, torch.cat(objectness) if objectness is not None else None, st)
         boxes = self.box_coder.decode(deltas.float(), proposals).squeeze(1)
         counts = [len(p) for p in proposals]
+        scores = self.rescore(scores, boxes, counts, features, image_sizes)
         results, rows = [], []
         for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes):
             b = box_ops.clip_boxes_to_image(b, size)

@@ -67,15 +67,18 @@ def pretrain_teacher(out_path: str, seed: int = 0, steps: int = 600, batch_size:
                      num_pairs: int = 16000, threads: int | None = 2,
                      model_name: str = MODEL_NAME, eval_samples: int = 1400,
                      log_every: int = 50, max_logit_scale: float = 100.0,
-                     template_share: float = 0.8, scene_share: float = 0.5) -> dict:
-    """Train the tiny teacher contrastively, save its state_dict to out_path; return metrics."""
+                     template_share: float = 0.8, scene_share: float = 0.5, crop_size: int = 32) -> dict:
+    """Train the tiny teacher contrastively, save its state_dict to out_path; return metrics.
+
+    ``crop_size``: side of the captioned crops, the model's input size (vild-tiny-clip: 32; -64: 64).
+    """
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     register_model_configs()
     t0 = time.time()
-    images, captions, _ = make_caption_dataset(num_pairs, seed=seed, template_share=template_share,
-                                               scene_share=scene_share)
+    images, captions, _ = make_caption_dataset(num_pairs, seed=seed, crop_size=crop_size,
+                                               template_share=template_share, scene_share=scene_share)
     gen_s = time.time() - t0
     model = open_clip.create_model(model_name, pretrained=None)
     tokenizer = open_clip.get_tokenizer(model_name)
@@ -117,7 +120,7 @@ def pretrain_teacher(out_path: str, seed: int = 0, steps: int = 600, batch_size:
                "steps": steps, "batch_size": batch_size, "gen_s": gen_s, "train_s": train_s,
                "step_s": train_s / max(1, steps), "path": str(out_path)}
     if eval_samples:
-        crops, _, labels = make_caption_dataset(eval_samples, seed=seed + 1000)
+        crops, _, labels = make_caption_dataset(eval_samples, seed=seed + 1000, crop_size=crop_size)
         metrics.update({f"crop_acc_{k}": v for k, v in zero_shot_accuracy(
             model, (crops, labels), model_name=model_name).items()})
     logger.info("teacher done: %s", metrics)
