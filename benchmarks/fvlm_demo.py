@@ -20,6 +20,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -134,6 +135,7 @@ def main(argv=None) -> dict:
     p.add_argument("--only", default=",".join(ROWS), help=f"comma-separated rows out of {','.join(ROWS)}")
     p.add_argument("--fvlm-opts", nargs="*", default=[], help="KEY VALUE overrides of F-VLM's config")
     p.add_argument("--workers", type=int, default=None, help="detectors trained side by side (default: the demo's)")
+    p.add_argument("--fvlm-folder", default=FOLDERS["F-VLM"], help="F-VLM's folder under --out-dir (one per try)")
     a = p.parse_args(argv)
     s = DemoSettings.fast() if a.fast else DemoSettings()
     if a.workers is not None:
@@ -152,7 +154,7 @@ def main(argv=None) -> dict:
 
     def job(name: str, store: Path | None = None) -> tuple[CfgNode, Path]:
         if name == "F-VLM":
-            return fvlm_config(out, s, world, teacher, a.fvlm_opts), out / FOLDERS[name]
+            return fvlm_config(out, s, world, teacher, a.fvlm_opts), out / a.fvlm_folder
         variant, split, distills = VARIANTS[name]
         return demo_config(out, s, world, teacher, variant, split, store if distills else None), out / FOLDERS[name]
 
@@ -170,6 +172,7 @@ def main(argv=None) -> dict:
                              "include ViLD-text in --only")
         log("writing the proposal store with ViLD-text's RPN")
         load["before_store"] = load_average()
+        shutil.rmtree(out / "clip_proposals", ignore_errors=True)  # a store left by an earlier run would resume
         t = time.perf_counter()
         cfg, _ = job("ViLD")
         store = make_store(out, cfg, out / FOLDERS["ViLD-text"] / "model_final.pth", s)
