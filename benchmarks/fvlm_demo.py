@@ -128,7 +128,8 @@ def table(rows: dict, seconds: dict) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-dir", default=str(ROOT / "output" / "fvlm_demo"), help="stage folder (world, teacher, models)")
+    p.add_argument("--out-dir", default=str(ROOT / "output" / "fvlm_demo"),
+                   help="stage folder (world, teacher, models)")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "fvlm_demo_synthetic.json"),
                    help="result JSON ('' = none)")
     p.add_argument("--fast", action="store_true", help="smoke-test sizes (numbers mean nothing)")

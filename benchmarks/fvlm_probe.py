@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""How well a tiny teacher's dense last map classifies regions: the premise of F-VLM's CLIP scores, on the synthetic world.
+"""How well a tiny teacher's dense last map classifies regions (F-VLM's premise), on the synthetic world.
 
     python benchmarks/fvlm_probe.py                 # after fvlm_demo.py (reuses its world and teacher): ~15 min
     python benchmarks/fvlm_probe.py --no-64         # the demo's 32 px teacher only: ~2 min

@@ -66,8 +66,8 @@ def train_step(model, size: int, distill: int, seed: int = 0):
         masks[j, y0:y1, x0:x1] = 1
     target = {"boxes": boxes, "labels": torch.randint(0, LVIS_BASE_CLASSES, (5,), generator=g), "masks": masks}
     if distill:
-        target.update(proposal_boxes=random_boxes(distill, size, size, seed=seed + 100),
-                      proposal_embeds=torch.nn.functional.normalize(torch.randn(distill, EMBED_DIM, generator=g), dim=-1),
+        embeds = torch.nn.functional.normalize(torch.randn(distill, EMBED_DIM, generator=g), dim=-1)
+        target.update(proposal_boxes=random_boxes(distill, size, size, seed=seed + 100), proposal_embeds=embeds,
                       proposal_valid=torch.ones(distill, dtype=torch.bool))
     vocab = model.roi_heads.classifier.text_embeddings[:LVIS_BASE_CLASSES].clone()
     model.set_vocabulary(vocab, None)  # training sees the base categories only
@@ -150,7 +150,8 @@ def main(argv=None) -> dict:
         steps = interleaved({"vild": train_step(vild, a.size, a.distill), "fvlm": train_step(fvlm, a.size, 0)}, dev,
                             a.train_repeats, 1, label="training")
         result["training"] = {
-            "vild_seconds_per_step": round(median(steps["vild"]), 3), "fvlm_seconds_per_step": round(median(steps["fvlm"]), 3),
+            "vild_seconds_per_step": round(median(steps["vild"]), 3),
+            "fvlm_seconds_per_step": round(median(steps["fvlm"]), 3),
             "samples": {k: [round(t, 3) for t in v] for k, v in steps.items()},
             "ratio_vild_over_fvlm": round(median(steps["vild"]) / median(steps["fvlm"]), 3)}
         log(f"training: ViLD {result['training']['vild_seconds_per_step']} s/step, F-VLM "

@@ -82,7 +82,8 @@ def test_checkpoint_holds_only_trained_weights_and_loads_into_a_detector(trained
     ckpt = load_checkpoint(trained["out"] / "model_final.pth")
     assert ckpt["cfg"]["MODEL"]["VILD"]["VARIANT"] == "fvlm" and ckpt["teacher"]["sha256"]
     assert not [k for k in ckpt["model"] if ".trunk." in k]
-    assert any(k.startswith("backbone.fpn.") for k in ckpt["model"]) and "roi_heads.classifier.background" in ckpt["model"]
+    assert any(k.startswith("backbone.fpn.") for k in ckpt["model"])
+    assert "roi_heads.classifier.background" in ckpt["model"]
     det = Detector.from_checkpoint(trained["out"] / "model_final.pth", device="cpu")
     assert isinstance(det.model, FVLM)
     trained_state = trained["model"].state_dict()
@@ -96,7 +97,7 @@ def test_checkpoint_holds_only_trained_weights_and_loads_into_a_detector(trained
 
 def test_set_vocabulary_swaps_what_both_scorers_classify(trained, world):
     det = Detector.from_checkpoint(trained["out"] / "model_final.pth", device="cpu")
-    image = to_image_tensor(str(sorted(Path(world["images_val"]).iterdir())[0]))
+    image = to_image_tensor(str(min(Path(world["images_val"]).iterdir())))
     base = world["base_names"][0]
     novel = world["novel_names"][0]
     det.set_vocabulary(f"{base},{novel}")
@@ -111,7 +112,8 @@ def test_set_vocabulary_swaps_what_both_scorers_classify(trained, world):
     boxes = [torch.tensor([[10.0, 10.0, 60.0, 60.0], [0.0, 0.0, 128.0, 128.0]])]
     assert heads.vlm_scores(feats[CLIP_FEATURES], boxes).shape == (2, 2)
     det.set_vocabulary(world["base_names"] + world["novel_names"])
-    assert heads.vlm_scores(feats[CLIP_FEATURES], boxes).shape == (2, len(world["base_names"]) + len(world["novel_names"]))
+    k = len(world["base_names"]) + len(world["novel_names"])
+    assert heads.vlm_scores(feats[CLIP_FEATURES], boxes).shape == (2, k)
     assert det.base_mask == [True] * len(world["base_names"]) + [False] * len(world["novel_names"])
 
 
@@ -122,7 +124,7 @@ def test_vlm_score_is_the_teachers_own_region_embedding(world, one_thread):
     names = world["base_names"] + world["novel_names"]
     text = teacher.encode_text(names)
     model.set_vocabulary(text, torch.tensor([n in world["base_names"] for n in names]))
-    image = to_image_tensor(str(sorted(Path(world["images_val"]).iterdir())[0]))  # 128 x 128
+    image = to_image_tensor(str(min(Path(world["images_val"]).iterdir())))  # 128 x 128
     boxes = torch.tensor([[0.0, 0.0, 128.0, 128.0], [12.5, 20.0, 70.0, 64.5], [64.0, 64.0, 128.0, 128.0],
                           [90.0, 5.0, 127.0, 40.0]])
     with torch.no_grad():
@@ -187,9 +189,27 @@ def test_detector_scores_are_the_ensemble_of_its_two_scorers(one_thread):
 
 
 def test_vit_teacher_is_refused_with_the_teachers_that_work():
-    cfg = load_config("configs/synthetic/fvlm_demo.yaml", ["TEACHER.MODEL", "vild-test-micro", "TEACHER.PRETRAINED", ""])
+    cfg = load_config("configs/synthetic/fvlm_demo.yaml",
+                      ["TEACHER.MODEL", "vild-test-micro", "TEACHER.PRETRAINED", ""])
     with pytest.raises(ValueError, match=r"ModifiedResNet.*RN50.*vild-test-micro.*VisionTransformer"):
         build_model(cfg)
     with pytest.raises(ValueError, match="set MODEL.VILD.EMBED_DIM 64"):
         build_model(load_config("configs/synthetic/fvlm_demo.yaml", [
             "TEACHER.PRETRAINED", str(TEACHER), "MODEL.VILD.EMBED_DIM", "32"]))
+
+
+def test_half_precision_trunk_keeps_float32_outputs_close_to_fp32(one_thread):
+    image = torch.randint(0, 256, (3, 128, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    boxes = [torch.tensor([[8.0, 8.0, 72.0, 60.0], [40.0, 30.0, 120.0, 128.0]])]
+    emb = {}
+    for dtype in ("", "bf16"):
+        model = build_model(fvlm_cfg("MODEL.FVLM.TRUNK_DTYPE", dtype)).eval()
+        with torch.no_grad():
+            batch, _ = model.preprocessor([image])
+            levels, feats = model.extract_features(batch.tensors)
+            emb[dtype] = model.roi_heads.vlm(feats[CLIP_FEATURES], boxes)
+        assert all(v.dtype == torch.float32 for v in [*levels.values(), feats[CLIP_FEATURES]])
+    assert model.backbone.trunk.visual.layer2[0].conv1.weight.dtype == torch.bfloat16
+    assert F.cosine_similarity(emb[""], emb["bf16"]).min() > 0.97
+    with pytest.raises(ValueError, match="TRUNK_DTYPE"):
+        build_model(fvlm_cfg("MODEL.FVLM.TRUNK_DTYPE", "int8"))

@@ -16,7 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import roi_align
-from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+from torchvision.ops.feature_pyramid_network import (
+    FeaturePyramidNetwork,
+    LastLevelMaxPool,
+)
 
 from ..config import CfgNode
 from .backbone import freeze_batchnorm
@@ -177,7 +180,7 @@ class VLMScorer(nn.Module):
         w_qkv, b_qkv = self._weights()
         q_cells, k_cells, v_cells = (x.reshape(h * w, heads, hd) for x in qkv_cells.split(c, dim=1))
         pos = F.linear(pool.positional_embedding.float(), w_qkv, b_qkv)  # [T, 3C]; token 0 is the mean token
-        q_pos, k_pos, v_pos = (x.reshape(-1, heads, hd) for x in pos.split(c, dim=1))
+        _, k_pos, v_pos = (x.reshape(-1, heads, hd) for x in pos.split(c, dim=1))  # q: token 0 only, below
         # RoIAlign's weights: token j of box r is sum over cells of a[r, j, cell] * cell
         eye = torch.eye(h * w, device=boxes.device).view(1, h * w, h, w)
         g = self.trunk.grid
@@ -231,7 +234,7 @@ class FVLMRoIHeads(ViLDRoIHeads):
 
 
 class FVLM(ViLD):
-    """The ViLD detector on a frozen CLIP trunk: the RPN reads the FPN levels, the RoI heads the trunk's last map too."""
+    """ViLD's detector on a frozen CLIP trunk: the RPN reads the FPN levels, the RoI heads also the trunk's last map."""
 
     def extract_features(self, images: torch.Tensor) -> tuple[dict, dict]:
         """FPN levels for the RPN; the same plus the trunk's last map (CLIP_FEATURES) for the RoI heads."""
