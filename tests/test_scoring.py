@@ -139,3 +139,19 @@ def test_matching_counts_precision_recall_and_absent_names():
     assert c.tp["star"] == 1 and c.fp["star"] == 1 and c.fp["ring"] == 1 and c.fp["heart"] == 1
     assert c.precision() == 0.25 and c.recall() == 0.5 and c.recall("star") == 0.5
     assert c.absent == 2 and c.absent_per_image() == 2.0
+
+
+def test_region_mean_of_a_model_whose_heads_read_other_features_than_its_rpn():
+    """F-VLM's RoI heads read the frozen trunk's last map besides the FPN levels: calibration goes through
+    the model's own feature extraction, like its forward."""
+    from pathlib import Path
+
+    from vild.config import load_config
+    from vild.engine.calibration import measure_region_mean
+    from vild.modeling import build_model
+    teacher = Path(__file__).resolve().parent / "assets" / "demo_model" / "vild-tiny-clip.pt"
+    model = build_model(load_config("synthetic/fvlm_demo.yaml", ["TEACHER.PRETRAINED", str(teacher)]))
+    model.set_vocabulary(F.normalize(torch.randn(3, model.embed_dim), dim=-1))
+    g = torch.Generator().manual_seed(0)
+    mean = measure_region_mean(model, [(torch.rand(3, 96, 128, generator=g) * 255).to(torch.uint8)])
+    assert mean.shape == (2, model.embed_dim) and mean[0].norm() > 0

@@ -35,8 +35,8 @@ def measure_region_mean(model: ViLD, images: Iterable[torch.Tensor], batch_size:
         nonlocal count
         device = heads.region_mean.device
         prepared, _ = model.preprocessor([im.to(device) for im in batch])
-        features = model.backbone(prepared.tensors)
-        proposals, *_ = model.rpn.propose(prepared, features)
+        rpn_features, features = model.extract_features(prepared.tensors)
+        proposals, *_ = model.rpn.propose(prepared, rpn_features)
         pooled = heads.box_pooler(features, proposals, prepared.image_sizes)
         total[0] += heads.text_head(pooled)[0].double().sum(0).cpu()
         if heads.image_head is not None:
