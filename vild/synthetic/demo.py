@@ -228,34 +228,16 @@ def ablation_checks(rows: dict, teacher_zs: dict) -> dict:
     }
 
 
-def world_images(world: dict, split: str, limit: int | None = None
-                 ) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, list[str]]]]:
-    """Images of a world split (the first ``limit``) with their boxes (xyxy) and category names."""
-    from ..io import read_image
-    data = json.loads(Path(world[f"coco_{split}"]).read_text())
-    names = {c["id"]: c["name"] for c in data["categories"]}
-    anns: dict[int, list] = {}
-    for a in data["annotations"]:
-        anns.setdefault(a["image_id"], []).append(a)
-    images, targets = [], []
-    for im in data["images"][:limit]:
-        boxes = torch.tensor([a["bbox"] for a in anns.get(im["id"], [])], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
-        images.append(read_image(Path(world[f"images_{split}"]) / im["file_name"]))
-        targets.append((boxes, [names[a["category_id"]] for a in anns.get(im["id"], [])]))
-    return images, targets
-
-
-def calibrate_detectors(out: Path, world: dict, folders: list[str], train_images: int = 200) -> dict:
-    """Write each detector's calibration (region mean on training images, display threshold on validation)."""
-    from ..engine.calibration import calibrate_checkpoint
-    from .shapes import CATEGORY_NAMES
-    train, _ = world_images(world, "train", train_images)
-    val, targets = world_images(world, "val")
+def calibrate_detectors(out: Path, folders: list[str]) -> dict:
+    """Write each detector's calibration (region mean on training images, display threshold on validation), on
+    the datasets of its own config."""
+    from ..config import cfg_from_dict
+    from ..engine.calibration import calibrate_from_config
+    from ..engine.checkpoint import load_checkpoint
     found = {}
     for folder in folders:
         path = out / folder / "model_final.pth"
-        entry = calibrate_checkpoint(str(path), train, val, targets, list(CATEGORY_NAMES))
+        entry = calibrate_from_config(cfg_from_dict(load_checkpoint(path)["cfg"]), str(path))
         found[folder] = {"score_thresh": entry["score_thresh"], "f1": entry["f1"]}
         logger.info("%s: display threshold %.3f (F1 %.2f on validation, all names)", folder, entry["score_thresh"],
                     entry["f1"])
@@ -318,7 +300,7 @@ def run_demo(out: str | Path = "output/demo", settings: DemoSettings | None = No
     with _timed(stages, "train+eval ViLD and ViLD-ensemble"):
         raw.update(train_detectors({n: job(n, store) for n in ("ViLD", "ViLD-ensemble")}, s.workers))
     with _timed(stages, "calibration"):
-        calibration = calibrate_detectors(out, world, list(folders.values()))
+        calibration = calibrate_detectors(out, list(folders.values()))
     rows = {name: summarize(raw[name]) for name in VARIANTS}
     total = round(time.perf_counter() - t0, 1)
     table = format_table(rows, zs)
