@@ -125,7 +125,8 @@ class Detector:
     as the COCO/LVIS evaluation does, so that one box may carry several labels. With
     ``reference_vocabulary`` (default) the training categories the vocabulary leaves out still compete
     for each region, hidden: a region showing one of them is not forced onto the nearest name asked for.
-    ``text_cache_size`` bounds the text embeddings kept in memory (least recently used vocabularies go first).
+    ``text_cache_size`` bounds the text embeddings kept in memory (least recently used vocabularies go first);
+    ``training_embeddings`` [len(training_vocabulary), D] spares embedding the training names.
     """
 
     def __init__(self, model: torch.nn.Module, teacher: CLIPTeacher, cfg: CfgNode,
@@ -133,7 +134,8 @@ class Detector:
                  vocabulary: Optional[VocabLike] = None, score_thresh: Optional[float] = None,
                  max_dets: Optional[int] = None, batch_size: int = 4, per_class_nms: bool = False,
                  reference_vocabulary: bool = True, objectness_weight: Optional[float] = None,
-                 centering: Optional[float] = None, text_cache_size: int = 64):
+                 centering: Optional[float] = None, text_cache_size: int = 64,
+                 training_embeddings: Optional[torch.Tensor] = None):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.teacher, self.cfg = teacher, cfg
@@ -148,8 +150,8 @@ class Detector:
         self.centering = DISPLAY_CENTERING if centering is None else float(centering)
         # the threshold for showing detections to people: the checkpoint's calibrated one, else the variant's
         self.display_score_thresh = default_score_thresh(cfg.MODEL.VILD.VARIANT)
-        # a subclass may have set them already (an exported model carries them)
-        self._training_embeddings: Optional[torch.Tensor] = getattr(self, "_training_embeddings", None)
+        # the training names' text embeddings (hidden competitors): embedded on first use unless given
+        self._training_embeddings = training_embeddings
         self._train_keys = {_key(s) for syns in self.training_vocabulary for s in syns}
         self.text_cache_size = int(text_cache_size)
         self._emb_cache: OrderedDict[str, torch.Tensor] = OrderedDict()

@@ -192,11 +192,13 @@ class OnnxDetector(Detector):
         self.model_teacher: dict = json.loads(meta["teacher"])
         model = OnnxModel(runtime, meta)
         fixed = model.roi_heads.test_settings  # the Detector asks for the scoring the graph has
-        if meta.get("training_embeddings"):  # the hidden training names need no text tower
-            self._training_embeddings = torch.tensor(json.loads(meta["training_embeddings"]), dtype=torch.float32)
+        # the hidden training names need no text tower: their embeddings travel in the metadata
+        training = (torch.tensor(json.loads(meta["training_embeddings"]), dtype=torch.float32)
+                    if meta.get("training_embeddings") else None)
         super().__init__(model, teacher, cfg_from_dict(json.loads(meta["cfg"])),
                          json.loads(meta["vocabulary"]) or None, device="cpu", per_class_nms=not fixed.class_agnostic,
-                         objectness_weight=fixed.objectness_weight, centering=fixed.centering, **kwargs)
+                         objectness_weight=fixed.objectness_weight, centering=fixed.centering,
+                         training_embeddings=training, **kwargs)
         if meta.get("display_score_thresh"):
             self.display_score_thresh = float(meta["display_score_thresh"])
 
