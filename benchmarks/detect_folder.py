@@ -170,7 +170,6 @@ def main(argv=None) -> None:
                                        score_thresh=a.score_thresh)
         images = [read_image(q) for q in paths]
         counter = iter(range(10 ** 6))
-        cats = list(range(1, len(det.names) + 1))
 
         def model_only():
             return {"detections": sum(len(r) for i in range(0, len(images), a.batch_size)
