@@ -56,14 +56,10 @@ def protocol_ap50(det: Detector, world: dict, objectness_weight: float, centerin
     ds = build_dataset(cfg, "trust_val", train=False, masks=False)
     det.reference_vocabulary = False  # every category is named: nothing to hide
     det.set_vocabulary(ds.category_names)
-    heads = det.model.roi_heads
-    saved = heads.test_settings
-    heads.test_settings = dataclasses.replace(saved, objectness_weight=objectness_weight, centering=centering)
-    try:
-        m = inference_on_dataset(det.model, build_test_loader(cfg, ds), build_evaluator(ds, None), det.device,
-                                 nullcontext())
-    finally:
-        heads.test_settings = saved
+    settings = dataclasses.replace(det.model.roi_heads.test_settings, objectness_weight=objectness_weight,
+                                   centering=centering)
+    m = inference_on_dataset(det.model, build_test_loader(cfg, ds), build_evaluator(ds, None), det.device,
+                             nullcontext(), settings)
     return {k: m["bbox"][k] for k in ("AP50_novel", "AP50_base", "AP50_all")}
 
 

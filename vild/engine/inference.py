@@ -12,10 +12,11 @@ from ..utils import comm
 
 @torch.no_grad()
 def inference_on_dataset(model: torch.nn.Module, loader: Iterable, evaluator: Any, device: torch.device,
-                         autocast: AbstractContextManager) -> Any:
+                         autocast: AbstractContextManager, settings: Any = None) -> Any:
     """Predict every image of this rank's shard, then let the evaluator gather and score on rank 0.
 
     ``evaluator`` may be a list: one pass of the model feeds them all, and a list of metrics comes back.
+    ``settings`` (``DetectionSettings``): what the model keeps, instead of its config's test settings.
     """
     evaluators = list(evaluator) if isinstance(evaluator, (list, tuple)) else [evaluator]
     was_training = model.training
@@ -24,7 +25,7 @@ def inference_on_dataset(model: torch.nn.Module, loader: Iterable, evaluator: An
         e.reset()
     for images, targets in tqdm(loader, desc="inference", disable=not comm.is_main_process(), leave=False):
         with autocast:
-            outputs = model([im.to(device) for im in images])
+            outputs = model([im.to(device) for im in images], settings=settings)
         outputs = [{k: v.to("cpu") for k, v in o.items()} for o in outputs]
         for e in evaluators:
             e.process(targets, outputs)
