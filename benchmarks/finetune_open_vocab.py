@@ -79,6 +79,8 @@ def main(argv=None) -> None:
     p.add_argument("--val", type=int, default=150, help="validation images")
     p.add_argument("--seed", type=int, default=0, help="SEED of the fine-tunings (data order, sampling)")
     p.add_argument("--workers", type=int, default=2, help="runs side by side, one thread each")
+    p.add_argument("--distill-weight", type=float, default=0.0,
+                   help="MODEL.VILD.DISTILL_WEIGHT of the fine-tuning with distillation (default: the config's)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "finetune_open_vocab.json"))
     a = p.parse_args(argv)
     from vild.synthetic.world import generate_world
@@ -97,6 +99,8 @@ def main(argv=None) -> None:
                 "SEED", str(a.seed)]
         jobs = {
             "fine-tuned with distillation": [*common, *tune, "MODEL.VILD.VARIANT", "vild",
+                                             *(["MODEL.VILD.DISTILL_WEIGHT", str(a.distill_weight)]
+                                               if a.distill_weight else []),
                                              "PIPELINE.PROPOSAL_MODEL", str(ASSET / "model.pth"),
                                              "OUTPUT_DIR", str(tmp / "with_distillation")],
             "fine-tuned without distillation (ViLD-text loss)": [*common, *tune, "MODEL.VILD.VARIANT", "text",
