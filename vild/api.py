@@ -277,10 +277,12 @@ class Detector:
 
     @torch.no_grad()  # not inference_mode: results must stay ordinary tensors that callers may edit in place
     def predict(self, images: list[torch.Tensor], sources: Optional[list[Optional[str]]] = None, *,
-                score_thresh: Optional[float] = None, max_dets: Optional[int] = None) -> list[DetectionResult]:
+                score_thresh: Optional[float] = None, max_dets: Optional[int] = None,
+                masks: bool = True) -> list[DetectionResult]:
         """One forward pass over uint8 RGB tensors [3, H, W]; returns a result per image.
 
-        ``score_thresh`` and ``max_dets`` override the detector's settings for this call only.
+        ``score_thresh`` and ``max_dets`` override the detector's settings for this call only; ``masks=False``
+        skips the mask head (boxes only, faster).
         """
         score_thresh = self.score_thresh if score_thresh is None else float(score_thresh)
         max_dets = self.max_dets if max_dets is None else int(max_dets)
@@ -295,7 +297,8 @@ class Detector:
         # thresholding inside the model spares the mask head the detections that would be dropped
         settings = dataclasses.replace(self.model.roi_heads.test_settings, score_thresh=score_thresh,
                                        max_dets=max_dets, class_agnostic=not self.per_class_nms,
-                                       objectness_weight=self.objectness_weight, centering=self.centering)
+                                       objectness_weight=self.objectness_weight, centering=self.centering,
+                                       masks=masks)
         outputs = self.model([im.to(self.device) for im in images], settings=settings)
         names = self.names
         results = []

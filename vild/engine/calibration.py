@@ -73,13 +73,10 @@ def display_threshold(detector, images: list[torch.Tensor], targets: list[tuple[
     ``targets``: per image, (boxes xyxy [n, 4], category names).
     """
     from ..evaluation.matching import MatchCounts, best_f1_threshold, match_image
-    saved = detector.score_thresh
     detector.set_vocabulary(names)
-    detector.score_thresh = 0.0
-    try:
-        results = detector(images)
-    finally:
-        detector.score_thresh = saved
+    bs = max(1, detector.batch_size)
+    results = [r for i in range(0, len(images), bs)  # boxes are all the matching needs
+               for r in detector.predict(images[i:i + bs], score_thresh=0.0, masks=False)]
     counts, matched = MatchCounts(), []
     for r, (boxes, gt_names) in zip(results, targets):
         keep = [i for i, n in enumerate(gt_names) if n in names]

@@ -18,7 +18,7 @@ class DetectionSettings:
     NMS first (a speed lever, see ``select_detections``); ``class_agnostic``: one label per box.
     Scoring: ``objectness_weight`` w makes a score p^(1-w) · o^w with the RPN's objectness o;
     ``centering`` subtracts that share of the mean region embedding before the text dot products
-    (``TextClassifier.forward``).
+    (``TextClassifier.forward``). ``masks``: predict masks (for models that have a mask head).
     """
 
     score_thresh: float = 0.0
@@ -28,6 +28,7 @@ class DetectionSettings:
     class_agnostic: bool = False
     objectness_weight: float = 0.0
     centering: float = 0.0
+    masks: bool = True
 
     def __post_init__(self):
         if not 0.0 <= self.objectness_weight <= 1.0:

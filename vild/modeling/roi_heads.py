@@ -258,7 +258,7 @@ class ViLDRoIHeads(nn.Module):
                                                 st.topk_candidates, st.class_agnostic)
             results.append({"boxes": db, "scores": ds, "labels": dl})
             rows.append(row)
-        if self.mask_on:
+        if self.mask_on and st.masks:
             self._predict_masks(features, image_sizes, results, rows)
         return results
 
