@@ -69,7 +69,10 @@ def demo(argv: list[str] | None = None, results_dir: str | None = None, picture:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--iters", type=int, default=0, help="training iterations per detector (default: DemoSettings)")
     p.add_argument("--export", default="", help="after the run, copy the ViLD model (fp16) and teacher here")
-    p.add_argument("--teacher-steps", type=int, default=0, help="teacher pretraining steps (default: DemoSettings)")
+    p.add_argument("--train-teacher", action="store_true",
+                   help="pretrain the tiny CLIP teacher here instead of starting from the shipped one")
+    p.add_argument("--teacher-steps", type=int, default=0,
+                   help="teacher pretraining steps with --train-teacher (default: DemoSettings)")
     a = p.parse_args(argv)
 
     from .synthetic.demo import DemoSettings, export_demo_model, run_demo
@@ -78,6 +81,7 @@ def demo(argv: list[str] | None = None, results_dir: str | None = None, picture:
     s.seed = a.seed
     s.detector_iters = a.iters or s.detector_iters
     s.teacher_steps = a.teacher_steps or s.teacher_steps
+    s.train_teacher = s.train_teacher or a.train_teacher
     results = str(Path(a.out) / "results") if a.results_dir is None else a.results_dir
     pic = str(Path(a.out) / "demo_novel_detections.png") if a.picture is None else a.picture
     run_demo(a.out, s, recompute=a.recompute, results_dir=results or None, picture=pic or None,

@@ -26,6 +26,9 @@ from ..engine.logger import setup_logger
 
 logger = logging.getLogger("vild")
 
+SHIPPED_TEACHER = Path(__file__).parent / "pretrained" / "vild-tiny-clip.pt"
+SHIPPED_TEACHER_KEY = {"seed": 0, "steps": 1000, "batch": 128, "weights": "fp16"}
+
 VARIANTS = {  # name → (MODEL.VILD.VARIANT, training split, uses the proposal store)
     "ViLD-text": ("text", "lvis", False),
     "ViLD": ("vild", "lvis", True),
@@ -45,14 +48,16 @@ class DemoSettings:
     teacher_steps: int = 1000
     teacher_batch: int = 128
     detector_iters: int = 1000
+    detector_batch: int = 6  # images per training step
     max_proposals: int = 50
     workers: int = 2  # detectors trained side by side, one thread each
+    train_teacher: bool = False  # pretrain the teacher here instead of using the shipped one
 
     @classmethod
     def fast(cls) -> "DemoSettings":
         """A few images and steps: every stage runs and writes its outputs."""
         return cls(num_train=16, num_val=6, teacher_steps=4, teacher_batch=32, detector_iters=4, max_proposals=10,
-                   workers=1)
+                   workers=1, train_teacher=True)
 
 
 def _timed(stages: dict, name: str):
@@ -80,20 +85,37 @@ def make_world(out: Path, s: DemoSettings) -> dict:
 
 
 def make_teacher(out: Path, s: DemoSettings, world: dict) -> tuple[Path, dict]:
-    """Pretrain the tiny CLIP teacher contrastively on captioned crops (all categories) once; report zero-shot."""
+    """The tiny CLIP teacher: the shipped one, or pretrained here on captioned crops (all categories); reports its
+    zero-shot accuracy on the world's validation boxes.
+
+    The teacher is to the demo what downloaded CLIP weights are to a real run, so by default the demo starts from
+    ``SHIPPED_TEACHER`` (what ``train_teacher`` makes with ``SHIPPED_TEACHER_KEY``'s settings).
+    """
     from .clip_pretrain import pretrain_teacher, region_zero_shot_accuracy
     path, metrics_file = out / "teacher" / "vild-tiny-clip.pt", out / "teacher" / "metrics.json"
+    shipped = not s.train_teacher
     key = {"seed": s.seed, "steps": s.teacher_steps, "batch": s.teacher_batch, "weights": "fp16"}
+    key = {"shipped": _sha256(SHIPPED_TEACHER), "world_seed": s.seed} if shipped else key
     if path.is_file() and metrics_file.is_file() and json.loads(metrics_file.read_text()).get("key") == key:
         return path, json.loads(metrics_file.read_text())
-    logger.info("pretraining the tiny CLIP teacher (%d steps of %d captioned crops)", s.teacher_steps,
-                s.teacher_batch)
     path.parent.mkdir(parents=True, exist_ok=True)
-    train_metrics = pretrain_teacher(str(path), seed=s.seed, steps=s.teacher_steps, batch_size=s.teacher_batch)
+    if shipped:
+        logger.info("teacher: the shipped %s (vild-demo --train-teacher pretrains one here)", SHIPPED_TEACHER.name)
+        shutil.copyfile(SHIPPED_TEACHER, path)
+        train_metrics = {"shipped": SHIPPED_TEACHER_KEY}
+    else:
+        logger.info("pretraining the tiny CLIP teacher (%d steps of %d captioned crops)", s.teacher_steps,
+                    s.teacher_batch)
+        train_metrics = pretrain_teacher(str(path), seed=s.seed, steps=s.teacher_steps, batch_size=s.teacher_batch)
     zs = region_zero_shot_accuracy(str(path), world, split="val", cache_dir=str(out / "cache"))
     metrics = {"key": key, "train": train_metrics, "zero_shot_val_boxes": zs}
     metrics_file.write_text(json.dumps(metrics, indent=1))
     return path, metrics
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def demo_config(out: Path, s: DemoSettings, world: dict, teacher: Path, variant: str, split: str,
@@ -115,6 +137,7 @@ def demo_config(out: Path, s: DemoSettings, world: dict, teacher: Path, variant:
     cfg.TEACHER.PRETRAINED = str(teacher)
     cfg.TEACHER.CACHE_DIR = str(out / "cache")
     cfg.SOLVER.MAX_ITER = s.detector_iters
+    cfg.SOLVER.IMS_PER_BATCH = s.detector_batch
     cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, max(s.detector_iters // 10, 1))
     cfg.SEED = s.seed
     cfg.MODEL.DEVICE = "cpu"
@@ -122,17 +145,24 @@ def demo_config(out: Path, s: DemoSettings, world: dict, teacher: Path, variant:
 
 
 def train_detector(cfg: CfgNode, out_dir: Path, threads: int | None = None) -> dict:
-    """Train (or reuse) one detector and evaluate it; returns the evaluation metrics."""
+    """Train (or reuse) one detector, evaluate and calibrate it; returns the evaluation metrics and calibration."""
+    from ..engine.calibration import calibrate_from_config
+    from ..engine.checkpoint import load_checkpoint
     from ..engine.trainer import Trainer
-    metrics_file = out_dir / "demo_metrics.json"
+    metrics_file, weights = out_dir / "demo_metrics.json", out_dir / "model_final.pth"
     cfg.OUTPUT_DIR = str(out_dir)
-    if metrics_file.is_file() and (out_dir / "model_final.pth").is_file():
-        return json.loads(metrics_file.read_text())
     if threads:
         torch.set_num_threads(threads)
-    results = Trainer(cfg).train()
-    metrics_file.write_text(json.dumps(results, indent=1))
-    return results
+    if metrics_file.is_file() and weights.is_file():
+        results = json.loads(metrics_file.read_text())
+    else:
+        results = Trainer(cfg).train()
+        metrics_file.write_text(json.dumps(results, indent=1))
+    # region mean on training images, display threshold on validation: each detector on its own datasets
+    entry = load_checkpoint(weights).get("calibration") or calibrate_from_config(cfg, str(weights))
+    logger.info("%s: display threshold %.3f (F1 %.2f on validation, all names)", out_dir.name,
+                entry["score_thresh"], entry["f1"])
+    return {**results, "calibration": {"score_thresh": entry["score_thresh"], "f1": entry["f1"]}}
 
 
 def train_detectors(jobs: dict[str, tuple[CfgNode, Path]], workers: int) -> dict[str, dict]:
@@ -228,22 +258,6 @@ def ablation_checks(rows: dict, teacher_zs: dict) -> dict:
     }
 
 
-def calibrate_detectors(out: Path, folders: list[str]) -> dict:
-    """Write each detector's calibration (region mean on training images, display threshold on validation), on
-    the datasets of its own config."""
-    from ..config import cfg_from_dict
-    from ..engine.calibration import calibrate_from_config
-    from ..engine.checkpoint import load_checkpoint
-    found = {}
-    for folder in folders:
-        path = out / folder / "model_final.pth"
-        entry = calibrate_from_config(cfg_from_dict(load_checkpoint(path)["cfg"]), str(path))
-        found[folder] = {"score_thresh": entry["score_thresh"], "f1": entry["f1"]}
-        logger.info("%s: display threshold %.3f (F1 %.2f on validation, all names)", folder, entry["score_thresh"],
-                    entry["f1"])
-    return found
-
-
 def export_demo_model(out: str | Path, dest: str | Path, variant_folder: str = "vild") -> Path:
     """Copy a trained demo detector (weights-only, fp16) and its teacher into ``dest``, loadable from there alone.
 
@@ -289,7 +303,7 @@ def run_demo(out: str | Path = "output/demo", settings: DemoSettings | None = No
         return demo_config(out, s, world, teacher, variant, split, store if distills else None), out / folders[name]
 
     raw = {}
-    with _timed(stages, "train+eval ViLD-text and oracle"):
+    with _timed(stages, "train+eval+calibrate ViLD-text and oracle"):
         raw.update(train_detectors({n: job(n, None) for n in ("ViLD-text", "oracle (all categories)")}, s.workers))
     with _timed(stages, "proposal store"):
         cfg, _ = job("ViLD", None)
@@ -297,10 +311,9 @@ def run_demo(out: str | Path = "output/demo", settings: DemoSettings | None = No
         recall = proposal_recall(store, world)
     logger.info("stored proposals cover %.1f %% of base and %.1f %% of novel training objects (IoU 0.5)",
                 100 * recall["base"], 100 * recall["novel"])
-    with _timed(stages, "train+eval ViLD and ViLD-ensemble"):
+    with _timed(stages, "train+eval+calibrate ViLD and ViLD-ensemble"):
         raw.update(train_detectors({n: job(n, store) for n in ("ViLD", "ViLD-ensemble")}, s.workers))
-    with _timed(stages, "calibration"):
-        calibration = calibrate_detectors(out, list(folders.values()))
+    calibration = {folders[name]: raw[name].pop("calibration") for name in VARIANTS}
     rows = {name: summarize(raw[name]) for name in VARIANTS}
     total = round(time.perf_counter() - t0, 1)
     table = format_table(rows, zs)
