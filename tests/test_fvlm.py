@@ -173,10 +173,10 @@ def test_detector_scores_are_the_ensemble_of_its_two_scorers(one_thread):
     seen = {}
     plain = type(heads).__mro__[1].rescore  # the heads' scores before the ensemble
 
-    def spy(scores, boxes, counts, features, image_sizes):
-        seen["det"] = plain(heads, scores, boxes, counts, features, image_sizes)
+    def spy(scores, boxes, counts, features, image_sizes, vocabulary):
+        seen["det"] = plain(heads, scores, boxes, counts, features, image_sizes, vocabulary)
         seen["boxes"] = boxes
-        seen["out"] = type(heads).rescore(heads, scores, boxes, counts, features, image_sizes)
+        seen["out"] = type(heads).rescore(heads, scores, boxes, counts, features, image_sizes, vocabulary)
         return seen["out"]
     heads.rescore = spy
     with torch.no_grad():

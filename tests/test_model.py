@@ -100,7 +100,7 @@ def test_inference_on_non_square_image_returns_original_frame(monkeypatch):
     img, t = scene(96, 160)
     seen = {}
 
-    def fake_heads(features, proposals, image_sizes, objectness=None, settings=None):
+    def fake_heads(features, proposals, image_sizes, objectness=None, settings=None, vocabulary=None):
         # the network sees the image with its longest side at TEST_SIZE; answer with the objects in that frame
         seen["sizes"] = image_sizes
         (h, w), = image_sizes
@@ -156,6 +156,31 @@ def test_set_vocabulary_changes_labels_and_checks_dimension():
     with pytest.raises(ValueError, match="empty"):
         model.set_vocabulary(torch.zeros(0, DIM))
 
+
+
+def test_a_vocabulary_passed_per_call_serves_that_call_only():
+    """``model(images, vocabulary=...)`` detects as if that vocabulary were installed, and leaves the installed
+    one (the very tensors) as it was."""
+    model = tiny_model("ensemble").eval()
+    model.set_vocabulary(vocab(3), torch.tensor([True, True, False]))
+    installed = model.roi_heads.classifier.installed_vocabulary
+    values = [t.clone() for t in installed]
+    img, _ = scene()
+    other_mask = torch.tensor([True, False, True, False, False])
+    with torch.no_grad():
+        plain = model([img])[0]
+        per_call = model([img], vocabulary=model.make_vocabulary(vocab(5, seed=7), other_mask))[0]
+        again = model([img])[0]
+        after = model.roi_heads.classifier.installed_vocabulary
+        assert all(a is b for a, b in zip(after, installed)) and all(map(torch.equal, after, values))
+        model.set_vocabulary(vocab(5, seed=7), other_mask)
+        swapped = model([img])[0]
+    assert len(per_call["scores"]) > 0 and not torch.equal(per_call["scores"], plain["scores"])
+    for k in per_call:
+        assert torch.equal(per_call[k], swapped[k]), k
+        assert torch.equal(plain[k], again[k]), k
+    with pytest.raises(ValueError, match="base_mask"):
+        model.make_vocabulary(vocab(5), torch.tensor([True]))
 
 def naive_select(boxes, scores, score_thresh, nms_thresh, max_dets):
     """The straightforward post-process: every (box with area, class) over the threshold, per-class NMS."""

@@ -216,3 +216,38 @@ def test_vild_text_with_a_store_in_its_config_opens_no_store(world, teacher_file
     assert not opened and ds.proposal_store is None
     item = ds[0][1]
     assert len(item.get("proposal_boxes", [])) == 0
+
+
+def test_evaluation_during_training_passes_each_datasets_vocabulary_and_leaves_the_installed_one(world, teacher_file,
+                                                                                                  monkeypatch):
+    """The training vocabulary stays installed (the same tensors, the same values) through the evaluations, which
+    score each test set's own categories, novel ones too, passed per call."""
+    import torch.nn.functional as F
+
+    import vild.engine.inference as inference
+    from vild.config import load_config
+    from vild.data import build_dataset
+    from vild.engine.trainer import Trainer
+    seen = []
+    real = inference.inference_on_dataset
+
+    def spy(model, loader, evaluators, device, autocast, settings=None, vocabulary=None):
+        installed = model.roi_heads.classifier.installed_vocabulary
+        values = [t.clone() for t in installed]
+        out = real(model, loader, evaluators, device, autocast, settings, vocabulary)
+        seen.append((vocabulary, installed, values, model.roi_heads.classifier.installed_vocabulary))
+        return out
+    monkeypatch.setattr(inference, "inference_on_dataset", spy)
+    cfg = load_config("tiny_test.yaml", world_opts(world, teacher_file / "eval_vocab", max_iter=2,
+                                                   **{"TEST.EVAL_PERIOD": 1}))
+    trainer = Trainer(cfg)
+    results = trainer.train()
+    assert len(seen) == 2 and "APr" in results["synth_val"]["bbox"]  # after iteration 1, and the final one
+    val = build_dataset(cfg, "synth_val", train=False, masks=False)
+    want = F.normalize(trainer.teacher.encode_text(val.category_names).float(), dim=-1)
+    for vocabulary, installed, values, after in seen:
+        assert all(a is b for a, b in zip(after, installed)) and all(map(torch.equal, after, values))
+        assert len(installed.text_embeddings) == len(trainer.vocabulary) < len(val.category_names)
+        assert torch.allclose(vocabulary.text_embeddings, want) and vocabulary.base_mask.tolist() == val.base_mask
+        assert not all(val.base_mask)  # the novel categories are scored too
+    assert all(a is b for a, b in zip(seen[0][1], seen[1][1]))  # nothing was installed between the evaluations

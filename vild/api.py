@@ -13,9 +13,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .config import CfgNode, cfg_from_dict
-from .engine.calibration import apply_calibration
-from .engine.checkpoint import check_teacher, load_checkpoint
+from .config import CfgNode
+from .engine.checkpoint import ModelCheckpoint
 from .engine.distributed import resolve_device
 from .io import to_image_tensor
 from .teacher import CLIPTeacher, clean_name, parse_vocabulary
@@ -171,26 +170,16 @@ class Detector:
         training run's TEACHER.CACHE_DIR, a path on the machine that trained it.
         """
         dev = resolve_device(str(device))
-        ckpt = load_checkpoint(path, map_location="cpu")
-        if not isinstance(ckpt.get("cfg"), dict):
-            raise ValueError(f"checkpoint {path} holds no 'cfg': not a vild training checkpoint")
-        cfg = cfg_from_dict(ckpt["cfg"])
+        ckpt = ModelCheckpoint(path)
+        cfg = ckpt.cfg
         cfg.TEACHER.CACHE_DIR = str(cache_dir) if cache_dir else ""
         cfg.TEACHER.PRETRAINED = _resolve_teacher_weights(cfg.TEACHER.PRETRAINED, Path(path).expanduser().parent,
-                                                          (ckpt.get("teacher") or {}).get("sha256"))
+                                                          ckpt.teacher.get("sha256"))
         teacher = CLIPTeacher.from_config(cfg, dev)
-        check_teacher(ckpt.get("teacher") or {}, teacher.identity, path,
-                      "put the original teacher weights file beside the checkpoint")
-        from .modeling import build_model
-        model = build_model(cfg, load_pretrained=False, teacher=teacher)  # the checkpoint has every trained weight
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise ValueError(f"checkpoint {path}: weights do not fit the model its own config builds "
-                             f"({str(e).splitlines()[0]}...)") from None
-        calibration = ckpt.get("calibration") or {}
-        apply_calibration(model, calibration)
-        det = cls(model, teacher, cfg, ckpt.get("vocabulary"), device=dev, **kwargs)
+        ckpt.check_teacher(teacher.identity, "put the original teacher weights file beside the checkpoint")
+        model = ckpt.build_model(teacher=teacher)
+        det = cls(model, teacher, cfg, ckpt.data.get("vocabulary"), device=dev, **kwargs)
+        calibration = ckpt.data.get("calibration") or {}
         if "score_thresh" in calibration:
             det.display_score_thresh = float(calibration["score_thresh"])
         return det

@@ -2,12 +2,11 @@
 
 The detector graph is the model's own inference path (backbone, ``BatchedRPN.propose_padded``,
 ``ViLDRoIHeads.forward_test_padded``: the same heads, ``class_scores``, box coder and selection rules) with
-the vocabulary bound from graph inputs through ``ViLD.set_vocabulary`` for the length of one call.
+the vocabulary made from graph inputs for each call (``ViLD.make_vocabulary``).
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,19 +19,6 @@ from ..modeling.vild import ViLD
 DETECTOR_INPUTS = ("images", "image_sizes", "text_embeddings", "reference_embeddings", "score_thresh", "max_dets",
                    "base_mask")
 DETECTOR_OUTPUTS = ("boxes", "scores", "labels", "batch_index", "mask_probs")
-
-
-@contextlib.contextmanager
-def bound_vocabulary(model: ViLD, text_embeddings: Tensor, base_mask: Optional[Tensor],
-                     reference: Optional[Tensor] = None) -> Iterator[None]:
-    """The model classifies against these embeddings inside the block (traced: against the graph's inputs)."""
-    clf = model.roi_heads.classifier
-    saved = clf.text_embeddings, clf.base_mask, clf.reference_embeddings
-    model.set_vocabulary(text_embeddings, base_mask, reference)
-    try:
-        yield
-    finally:
-        clf.text_embeddings, clf.base_mask, clf.reference_embeddings = saved
 
 
 class DetectorGraph(nn.Module):
@@ -63,8 +49,8 @@ class DetectorGraph(nn.Module):
         """Detections: boxes (pixels of ``images``), scores, labels (rows of ``text_embeddings``), batch index,
         mask probabilities."""
         x = self.normalize(images, image_sizes)
-        with bound_vocabulary(self.model, text_embeddings, base_mask, reference_embeddings):
-            out = self.model.forward_padded(x, image_sizes, score_thresh, max_dets, self.settings)
+        vocabulary = self.model.make_vocabulary(text_embeddings, base_mask, reference_embeddings)
+        out = self.model.forward_padded(x, image_sizes, score_thresh, max_dets, self.settings, vocabulary)
         return tuple(out[k] for k in DETECTOR_OUTPUTS if k in out)
 
 

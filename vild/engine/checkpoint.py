@@ -1,19 +1,25 @@
 """Checkpoints: written atomically, read with ``weights_only=True`` so loading never runs pickled code."""
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from ..config import CfgNode, cfg_from_dict
 from ..utils.atomic import atomic_save
 
-__all__ = ["FORMAT_VERSION", "UnreadableCheckpoint", "atomic_save", "check_teacher", "checkpoints_newest_first",
-           "export_checkpoint", "last_checkpoint", "load_checkpoint", "prune_checkpoints", "remove_stale_temp_files",
-           "rng_state", "set_rng_state", "teacher_mismatch"]
+if TYPE_CHECKING:
+    from ..modeling import ViLD
+
+__all__ = ["FORMAT_VERSION", "ModelCheckpoint", "UnreadableCheckpoint", "atomic_save", "check_teacher",
+           "checkpoints_newest_first", "export_checkpoint", "last_checkpoint", "load_checkpoint", "prune_checkpoints",
+           "remove_stale_temp_files", "rng_state", "set_rng_state", "teacher_mismatch"]
 
 FORMAT_VERSION = 2  # 2: "rng" holds every rank's state, by rank (1: rank 0's only)
 
@@ -35,6 +41,92 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UnreadableCheckpoint(f"checkpoint {p} holds no 'model' entry: not a vild checkpoint")
     return ckpt
+
+
+MASK_HEAD_PREFIX = "roi_heads.mask_"  # the state-dict keys of the mask head (pooler has none)
+# torch's line for a weight of another shape: its key, the file's shape, the model's
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) "
+                            r"from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)")
+
+
+class ModelCheckpoint:
+    """A vild checkpoint read for its model: the one way weights get from a file into a ViLD, for training
+    (MODEL.WEIGHTS, ``--resume``), evaluation, the proposal store's model and ``Detector``.
+
+    Read once, with ``load_checkpoint`` (``weights_only=True``); ``data`` is the whole dict. A model's
+    vocabulary is no part of its weights (the text embeddings are not saved), so weights trained on one
+    vocabulary load for fine-tuning on another as they are; F-VLM's frozen trunk is not saved either (it is
+    the teacher's file's), and the fp16 weights of an exported checkpoint load into the fp32 model.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.data = load_checkpoint(path)
+
+    @property
+    def cfg(self) -> CfgNode:
+        """The config it was trained with."""
+        if not isinstance(self.data.get("cfg"), dict):
+            raise ValueError(f"checkpoint {self.path} holds no 'cfg': not a vild training checkpoint")
+        return cfg_from_dict(self.data["cfg"])
+
+    @property
+    def teacher(self) -> dict:
+        """The identity of the CLIP teacher it was trained with ({} when unknown)."""
+        return self.data.get("teacher") or {}
+
+    @property
+    def has_mask_head(self) -> bool:
+        """False when its config says it was trained on boxes only (MODEL.MASK_ON False)."""
+        return ((self.data.get("cfg") or {}).get("MODEL") or {}).get("MASK_ON") is not False
+
+    def check_teacher(self, identity: dict, fix: str) -> None:
+        """Refuse it for a teacher other than ``identity`` (``fix``: what to do about it)."""
+        check_teacher(self.teacher, identity, self.path, fix)
+
+    def load_into(self, model: ViLD, logger: logging.Logger | None = None, mask_head_may_differ: bool = False,
+                  own_config: bool = False) -> None:
+        """Put the weights into ``model``; a mismatch is a ``ValueError`` naming the keys.
+
+        ``mask_head_may_differ``: a mask head present on one side only (masks vs. box-only training) is logged
+        to ``logger`` and left out, not an error. ``own_config``: ``model`` was built from its own config.
+        """
+        state = self.data["model"]
+        own = model.state_dict()  # F-VLM's trunk has no keys here, as in the file
+        extra, missing = [k for k in state if k not in own], [k for k in own if k not in state]
+        lenient = mask_head_may_differ and bool(extra or missing) and all(
+            k.startswith(MASK_HEAD_PREFIX) for k in extra + missing)
+        if lenient:
+            log = logger or logging.getLogger("vild")
+            if extra:
+                log.info("%s has a mask head, this model none (MODEL.MASK_ON False): its mask weights are left out",
+                         self.path)
+            if missing:
+                log.info("%s has no mask head: this model's mask head starts untrained", self.path)
+            state = {k: v for k, v in state.items() if k in own}
+        try:
+            model.load_state_dict(state, strict=not lenient)
+        except RuntimeError as e:
+            shapes = [f"{k}: {a} in the file vs {b} here" for k, a, b in _SIZE_MISMATCH.findall(str(e))]
+            why = "; ".join(f"{len(keys)} {what} ({', '.join(keys[:3])}{', …' if len(keys) > 3 else ''})"
+                            for what, keys in (("missing", missing), ("unexpected", extra),
+                                               ("of another shape", shapes)) if keys) or str(e)[:300]
+            fix = "" if own_config else ": build the model with the MODEL.* settings it was trained with"
+            raise ValueError(f"checkpoint {self.path}: weights do not fit the model "
+                             f"{'its own config builds' if own_config else 'of this config'}: {why}{fix}") from None
+
+    def build_model(self, teacher: torch.nn.Module | None = None, device: str | torch.device = "cpu") -> ViLD:
+        """The model of its own config with these weights and calibration, in eval mode on ``device``.
+
+        ``teacher``: a loaded ``CLIPTeacher`` whose image trunk F-VLM copies (default: read from TEACHER.*).
+        """
+        from ..modeling import build_model
+        from .calibration import apply_calibration
+        # the file has every trained weight: the ImageNet backbone file need not be on this machine
+        model = build_model(self.cfg, load_pretrained=False, teacher=teacher)
+        self.load_into(model, own_config=True)
+        apply_calibration(model, self.data.get("calibration"))
+        return model.to(device).eval()
 
 
 def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool = True,

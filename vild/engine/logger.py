@@ -132,8 +132,12 @@ class LossWindow:
             return {}
         avg = comm.all_reduce_mean(self._sum / self._n).tolist()
         if reset:
-            self._sum, self._n = None, 0
+            self.reset()
         return dict(zip(self._names, avg))
+
+    def reset(self) -> None:
+        """Start a new window."""
+        self._sum, self._n = None, 0
 
 
 class ETA:

@@ -242,7 +242,8 @@ class Pipeline:
         """Stage 4: DATASETS.TEST scored with the final weights (reused when the weights and test sets match)."""
         from ..teacher.clip_teacher import sha256_file
         from .calibration import calibrate_from_config
-        from .trainer import Trainer, _flatten
+        from .hooks import flatten_metrics
+        from .trainer import Trainer
         cfg = self.cfg
         if not cfg.DATASETS.TEST:
             self.log("evaluate").info("stage 4/4 evaluate: DATASETS.TEST is empty, nothing to evaluate")
@@ -270,7 +271,7 @@ class Pipeline:
         if comm.is_main_process():
             max_iter = int(load_checkpoint(final)["iteration"])
             drop_replayed_lines(self.out / "metrics.jsonl", max_iter, redo_evaluation_at=max_iter)
-            MetricsWriter(self.out, tensorboard=False, stage="evaluate").write(max_iter, _flatten(results))
-            trainer._plot_curves()
+            MetricsWriter(self.out, tensorboard=False, stage="evaluate").write(max_iter, flatten_metrics(results))
+            trainer.plot_curves()
         self.finish("evaluate", results=results)
         return results

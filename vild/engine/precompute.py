@@ -177,13 +177,8 @@ def collate_readable(batch: list) -> tuple[list, list]:
 
 def load_proposal_model(weights: str, device: torch.device) -> ViLD:
     """A trained ViLD (any variant) whose RPN supplies class-agnostic proposals."""
-    from ..config import cfg_from_dict
-    from ..modeling import build_model
-    from .checkpoint import load_checkpoint
-    ckpt = load_checkpoint(weights, map_location="cpu")
-    model = build_model(cfg_from_dict(ckpt["cfg"]), load_pretrained=False)  # the ImageNet file need not be here
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
+    from .checkpoint import ModelCheckpoint
+    return ModelCheckpoint(weights).build_model(device=device)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,10 +1,12 @@
-"""The training loop: SGD or AdamW with warm-up, AMP, clipping, checkpoints, resume, logs, periodic evaluation."""
+"""Training and evaluation from a config: ``Trainer.run_step`` (one optimisation step: SGD or AdamW, AMP,
+clipping) between the hooks of ``hooks.py`` (schedule, logs, checkpoints, evaluation); resume and MODEL.WEIGHTS."""
 from __future__ import annotations
 
 import json
 import math
 import random
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,15 +16,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import CfgNode
 from ..modeling import ViLD, build_model
+from ..modeling.classifier import ClassifierVocabulary
 from ..utils import comm
 from .checkpoint import (
     FORMAT_VERSION,
+    ModelCheckpoint,
     UnreadableCheckpoint,
     atomic_save,
-    check_teacher,
     checkpoints_newest_first,
-    load_checkpoint,
-    prune_checkpoints,
     remove_stale_temp_files,
     rng_state,
     set_rng_state,
@@ -30,7 +31,16 @@ from .checkpoint import (
 )
 from .curves import plot_training_curves
 from .distributed import init_distributed, resolve_device
-from .logger import ETA, LossWindow, MetricsWriter, setup_logger
+from .hooks import (
+    Hook,
+    LoopState,
+    LRSchedule,
+    MetricsLogger,
+    PeriodicCheckpointer,
+    PeriodicEvaluator,
+    flatten_metrics,
+)
+from .logger import ETA, MetricsWriter, setup_logger
 
 if TYPE_CHECKING:
     from ..data import DetectionDataset
@@ -41,21 +51,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def lr_factor(cfg: CfgNode, iteration: int) -> float:
-    """Learning-rate multiplier at an iteration: linear warm-up, then step decays or cosine."""
-    s = cfg.SOLVER
-    if s.LR_SCHEDULER == "step":
-        f = s.GAMMA ** sum(iteration >= m for m in s.STEPS)
-    elif s.LR_SCHEDULER == "cosine":
-        f = 0.5 * (1.0 + math.cos(math.pi * min(iteration / max(s.MAX_ITER, 1), 1.0)))
-    else:
-        raise ValueError(f"unknown SOLVER.LR_SCHEDULER {s.LR_SCHEDULER!r}: use step or cosine")
-    if iteration < s.WARMUP_ITERS:
-        alpha = iteration / s.WARMUP_ITERS
-        f *= s.WARMUP_FACTOR * (1 - alpha) + alpha
-    return f
 
 
 def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -110,6 +105,15 @@ def save_training_checkpoint(path: Path, cfg: CfgNode, model: torch.nn.Module, o
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     atomic_save(state, path)
+
+
+@dataclass
+class ResumeState:
+    """Where training starts (``Trainer.resume_or_load``): the iteration, and the resumed checkpoint whose
+    optimizer, grad-scaler and RNG states the run continues with (None: a fresh start)."""
+
+    iteration: int = 0
+    checkpoint: dict | None = None
 
 
 class Trainer:
@@ -179,25 +183,10 @@ class Trainer:
         if comm.is_main_process():
             (self.output_dir / "config.yaml").write_text(self.cfg.dump())
 
-    def _match_mask_head(self, ckpt: dict, source: str | Path) -> None:
+    def _match_mask_head(self, ckpt: ModelCheckpoint) -> None:
         """Drop this model's mask head when the checkpoint's config says it was trained without one."""
-        if self.cfg.MODEL.MASK_ON and ((ckpt.get("cfg") or {}).get("MODEL") or {}).get("MASK_ON") is False:
-            self._build_without_masks(f"{source} was trained on boxes only")
-
-    def _load_weights(self, state: dict, source: str | Path) -> None:
-        """Load a state dict; a mask head present on only one side (masks vs. box-only training) is logged, not fatal."""
-        model = unwrap(self.model)
-        own = model.state_dict()
-        extra, missing = [k for k in state if k not in own], [k for k in own if k not in state]
-        if not (extra or missing) or not all(k.startswith("roi_heads.mask_") for k in extra + missing):
-            model.load_state_dict(state)  # a real mismatch: torch's error lists the keys
-            return
-        if extra:
-            self.logger.info("%s has a mask head, this model none (MODEL.MASK_ON False): its mask weights are left out",
-                             source)
-        if missing:
-            self.logger.info("%s has no mask head: this model's mask head starts untrained", source)
-        model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        if self.cfg.MODEL.MASK_ON and not ckpt.has_mask_head:
+            self._build_without_masks(f"{ckpt.path} was trained on boxes only")
 
     def _check_store_teacher(self, store) -> None:
         why = teacher_mismatch(store.teacher or {}, self.teacher.identity)
@@ -205,21 +194,27 @@ class Trainer:
             raise ValueError(f"proposal store {self.cfg.DATASETS.PROPOSAL_STORE} {why}: recompute the store or "
                              f"point TEACHER.* at the same weights")
 
-    def set_vocabulary(self, names: list, base_mask: list[bool] | None) -> None:
-        """Embed ``names`` with the teacher and install them as the model's vocabulary."""
+    def _embed(self, names: list, base_mask: list[bool] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         emb = self.teacher.encode_text(names).to(self.device)
-        mask = torch.tensor(base_mask, dtype=torch.bool) if base_mask is not None else None
-        unwrap(self.model).set_vocabulary(emb, mask)
+        return emb, torch.tensor(base_mask, dtype=torch.bool) if base_mask is not None else None
+
+    def set_vocabulary(self, names: list, base_mask: list[bool] | None) -> None:
+        """Embed ``names`` with the teacher and install them as the model's vocabulary (training's)."""
+        unwrap(self.model).set_vocabulary(*self._embed(names, base_mask))
+
+    def embed_vocabulary(self, names: list, base_mask: list[bool] | None) -> ClassifierVocabulary:
+        """Embed ``names`` with the teacher as a vocabulary for calls of the model; the installed one stays."""
+        return unwrap(self.model).make_vocabulary(*self._embed(names, base_mask))
 
     # ---- training ---------------------------------------------------------------------------
-    def _newest_readable_checkpoint(self) -> tuple[Path, dict] | None:
+    def _newest_readable_checkpoint(self) -> ModelCheckpoint | None:
         """The newest checkpoint of OUTPUT_DIR that loads, passing over (and naming) unreadable newer ones."""
         found = checkpoints_newest_first(self.output_dir)
         bad = []
         for path in found:
             try:
-                # on the CPU: the RNG states must stay CPU tensors; weights and optimizer state move to the device
-                ckpt = load_checkpoint(path, map_location="cpu")
+                # read onto the CPU: the RNG states must stay CPU tensors; weights and optimizer state move later
+                ckpt = ModelCheckpoint(path)
             except UnreadableCheckpoint as e:
                 self.logger.warning("%s", e)
                 bad.append(path)
@@ -227,7 +222,7 @@ class Trainer:
             if bad:
                 self.logger.warning("resuming from %s instead of the unreadable %s (a write was cut off?)", path.name,
                                     ", ".join(p.name for p in bad))
-            return path, ckpt
+            return ckpt
         if bad:
             raise UnreadableCheckpoint(
                 f"--resume: no checkpoint in {self.output_dir} can be read ({', '.join(p.name for p in bad)} "
@@ -235,33 +230,30 @@ class Trainer:
                 f"OUTPUT_DIR at another run")
         return None
 
-    def resume_or_load(self, resume: bool, evaluate_only: bool = False) -> int:
-        """Load MODEL.WEIGHTS, or with ``resume`` the newest checkpoint in OUTPUT_DIR; return the start iteration.
+    def resume_or_load(self, resume: bool, evaluate_only: bool = False) -> ResumeState:
+        """Load MODEL.WEIGHTS, or with ``resume`` the newest checkpoint in OUTPUT_DIR; return where training starts.
 
         A newest checkpoint that cannot be read (a write cut off by a kill) is passed over for the one before.
-        A checkpoint trained without masks is resumed (or, ``evaluate_only``, evaluated) without a mask head.
+        A checkpoint trained without masks is resumed (or, ``evaluate_only``, evaluated) without a mask head;
+        MODEL.WEIGHTS with a mask head on one side only loads the rest (fine-tuning on box-only data).
         """
         found = self._newest_readable_checkpoint() if resume else None
-        self._resume_state = None
         if found is not None:
-            path, ckpt = found
-            check_teacher(ckpt.get("teacher") or {}, self.teacher.identity, path, self._teacher_fix)
-            self._match_mask_head(ckpt, path)
-            unwrap(self.model).load_state_dict(ckpt["model"])
-            self._resume_state = ckpt
-            self.logger.info("resuming from %s at iteration %d", path, ckpt["iteration"])
-            return int(ckpt["iteration"])
+            found.check_teacher(self.teacher.identity, self._teacher_fix)
+            self._match_mask_head(found)
+            found.load_into(unwrap(self.model), self.logger)
+            self.logger.info("resuming from %s at iteration %d", found.path, found.data["iteration"])
+            return ResumeState(int(found.data["iteration"]), found.data)
         if resume:
             self.logger.info("--resume: no checkpoint in %s, starting from scratch", self.output_dir)
         if self.cfg.MODEL.WEIGHTS:
-            ckpt = load_checkpoint(self.cfg.MODEL.WEIGHTS, map_location="cpu")
-            check_teacher(ckpt.get("teacher") or {}, self.teacher.identity, self.cfg.MODEL.WEIGHTS,
-                          self._teacher_fix)
+            weights = ModelCheckpoint(self.cfg.MODEL.WEIGHTS)
+            weights.check_teacher(self.teacher.identity, self._teacher_fix)
             if evaluate_only:
-                self._match_mask_head(ckpt, self.cfg.MODEL.WEIGHTS)
-            self._load_weights(ckpt["model"], self.cfg.MODEL.WEIGHTS)
+                self._match_mask_head(weights)
+            weights.load_into(unwrap(self.model), self.logger, mask_head_may_differ=True)
             self.logger.info("loaded weights from %s", self.cfg.MODEL.WEIGHTS)
-        return 0
+        return ResumeState()
 
     _teacher_fix = "point TEACHER.MODEL / TEACHER.PRETRAINED at the teacher it was trained with"
 
@@ -294,106 +286,115 @@ class Trainer:
 
     def train(self, resume: bool = False, evaluate: bool = True) -> dict:
         """Run SOLVER.MAX_ITER iterations (continuing a checkpoint with ``resume``), then evaluate (``evaluate``)."""
-        from ..data import batch_to_device, build_train_loader
-        cfg, log = self.cfg, self.logger
         dataset = self.train_dataset()
-        if cfg.MODEL.MASK_ON and not dataset.has_masks:
+        if self.cfg.MODEL.MASK_ON and not dataset.has_masks:
             self._drop_mask_head(dataset)
-        self.vocabulary = dataset.category_names
+        return self.train_from(self.resume_or_load(resume), dataset, evaluate)
+
+    def train_from(self, start: ResumeState, dataset: DetectionDataset, evaluate: bool = True) -> dict:
+        """The loop on ``dataset`` from ``start`` (``resume_or_load``'s): each step between the hooks, then the
+        final evaluation's metrics (with ``evaluate``)."""
+        from ..data import build_train_loader
+        cfg = self.cfg
+        self.vocabulary = dataset.category_names  # installed on the model that resume_or_load left
         self.set_vocabulary(self.vocabulary, [True] * len(self.vocabulary))
-        start_iter = self.resume_or_load(resume)
         self._wrap_ddp()
-        optimizer = build_optimizer(cfg, self.model)
-        scaler = torch.amp.GradScaler("cuda") if cfg.SOLVER.AMP == "fp16" else None
-        if self._resume_state is not None:
-            if self._resume_state.get("optimizer"):
-                optimizer.load_state_dict(self._resume_state["optimizer"])
-            if scaler is not None and "scaler" in self._resume_state:
-                scaler.load_state_dict(self._resume_state["scaler"])
-            self._restore_rng(self._resume_state["rng"], start_iter)
-        loader = build_train_loader(cfg, dataset, start_iter=start_iter, pin_memory=self.device.type == "cuda")
-        max_iter = cfg.SOLVER.MAX_ITER
-        # a resumed run logs its iterations after start_iter again, and evaluates again at the end
-        writer = MetricsWriter(self.output_dir, enabled=comm.is_main_process(), start_iter=start_iter,
-                               redo_evaluation_at=max_iter, stage=self.stage)
-        log.info("training %s (%s) on %d categories for %d iterations, %d process(es) on %s",
-                 cfg.MODEL.VILD.VARIANT, cfg.MODEL.BACKBONE.NAME, len(self.vocabulary), max_iter,
-                 self.world_size, self.device)
+        optimizer, scaler = self._optimizer(start)
+        loader = build_train_loader(cfg, dataset, start_iter=start.iteration, pin_memory=self.device.type == "cuda")
+        # a resumed run logs its iterations after the start again, and evaluates again at the end
+        writer = MetricsWriter(self.output_dir, enabled=comm.is_main_process(), start_iter=start.iteration,
+                               redo_evaluation_at=cfg.SOLVER.MAX_ITER, stage=self.stage)
+        self.logger.info("training %s (%s) on %d categories for %d iterations, %d process(es) on %s",
+                         cfg.MODEL.VILD.VARIANT, cfg.MODEL.BACKBONE.NAME, len(self.vocabulary), cfg.SOLVER.MAX_ITER,
+                         self.world_size, self.device)
         self.model.train()
-        eta = ETA(start_iter, max_iter)
-        window = LossWindow()
-        it = start_iter
-        data_iter = iter(loader)
-        for it in range(start_iter, max_iter):
-            for g in optimizer.param_groups:
-                g["lr"] = cfg.SOLVER.BASE_LR * lr_factor(cfg, it)
-            images, targets = batch_to_device(*next(data_iter), self.device)
-            with autocast_context(cfg, self.device):
-                losses = self.model(images, targets)
-            total = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(total).backward()
-                scaler.unscale_(optimizer)
-            else:
-                total.backward()
-            if cfg.SOLVER.CLIP_GRADIENTS > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.SOLVER.CLIP_GRADIENTS)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            window.add(losses)
-            last = it + 1 == max_iter
-            log_now = _every(cfg.SOLVER.LOG_PERIOD, it) or last
-            save_now = _every(cfg.SOLVER.CHECKPOINT_PERIOD, it) or last
-            if log_now or save_now:
-                # the one host sync of a logged step; every rank sees the same means, so a non-finite
-                # loss stops all of them together, and before a checkpoint could keep its weights
-                means = window.mean(reset=log_now)
-                if not all(math.isfinite(v) for v in means.values()):
-                    raise FloatingPointError(
-                        f"loss became non-finite by iteration {it + 1}: {means}; lower SOLVER.BASE_LR, "
-                        f"set SOLVER.CLIP_GRADIENTS, or lengthen SOLVER.WARMUP_ITERS")
-            if log_now:
-                spi, left = eta(it)
-                scalars = {**means, "lr": optimizer.param_groups[0]["lr"], "sec_per_iter": spi}
-                writer.write(it + 1, scalars)
-                log.info("iter %d/%d  loss %.3f  (%s)  lr %.2e  %.2fs/it  eta %s", it + 1, max_iter,
-                         scalars["total_loss"], "  ".join(f"{k} {scalars[k]:.3f}" for k in losses), scalars["lr"],
-                         spi, left)
-            if save_now:
-                self._checkpoint(it + 1, optimizer, scaler, final=last)
-            eval_now = _every(cfg.TEST.EVAL_PERIOD, it) and not last  # the last one comes after the loop
-            if eval_now:
-                writer.write(it + 1, _flatten(self.test()))
-                self.set_vocabulary(self.vocabulary, [True] * len(self.vocabulary))
-                self.model.train()
-            if save_now or eval_now:
-                eta.restart(it + 1)
+        state = LoopState(start.iteration, cfg.SOLVER.MAX_ITER, optimizer, scaler, writer,
+                          ETA(start.iteration, cfg.SOLVER.MAX_ITER))
+        hooks = self.build_hooks(evaluate)
+        batches = iter(loader)
+        for it in range(state.start_iter, state.max_iter):
+            state.iteration = it
+            for hook in hooks:
+                hook.before_step(state)
+            self.run_step(state, next(batches), check=any(hook.needs_checked_losses(state) for hook in hooks))
+            for hook in hooks:
+                hook.after_step(state)
         writer.close()
-        results = self.test() if cfg.DATASETS.TEST and evaluate else {}
-        if results:
-            writer = MetricsWriter(self.output_dir, enabled=comm.is_main_process(), tensorboard=False,
-                                   stage=self.stage)
-            writer.write(max_iter, _flatten(results))
-        self._plot_curves()
-        return results
+        for hook in hooks:
+            hook.after_train(state)
+        self.plot_curves()
+        return state.results
 
-    def _checkpoint(self, iteration: int, optimizer, scaler, final: bool) -> None:
+    def _optimizer(self, start: ResumeState) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler | None]:
+        """SOLVER.OPTIMIZER and, for fp16 AMP, a grad scaler; a resumed run's states (and RNG) restored."""
+        optimizer = build_optimizer(self.cfg, self.model)
+        scaler = torch.amp.GradScaler("cuda") if self.cfg.SOLVER.AMP == "fp16" else None
+        ckpt = start.checkpoint
+        if ckpt is not None:
+            if ckpt.get("optimizer"):
+                optimizer.load_state_dict(ckpt["optimizer"])
+            if scaler is not None and "scaler" in ckpt:
+                scaler.load_state_dict(ckpt["scaler"])
+            self._restore_rng(ckpt["rng"], start.iteration)
+        return optimizer, scaler
+
+    def build_hooks(self, evaluate: bool = True) -> list[Hook]:
+        """The work around each step, in the order it runs: schedule, logs, checkpoints, evaluation."""
+        s = self.cfg.SOLVER
+        return [LRSchedule(self.cfg), MetricsLogger(s.LOG_PERIOD, self.logger),
+                PeriodicCheckpointer(self, s.CHECKPOINT_PERIOD, s.KEEP_CHECKPOINTS),
+                PeriodicEvaluator(self, self.cfg.TEST.EVAL_PERIOD, final=evaluate)]
+
+    def run_step(self, state: LoopState, batch: tuple, check: bool) -> None:
+        """One optimisation step: forward, losses, backward (scaled under fp16 AMP), clipping, optimizer step.
+
+        The losses go into ``state.losses`` and ``state.window``. With ``check`` (a step whose hooks log or save),
+        the window's means over all ranks are read into ``state.means`` (the step's one host sync, so every
+        rank stops together on a non-finite loss, before a checkpoint could keep its weights).
+        """
+        from ..data import batch_to_device
+        cfg, optimizer, scaler = self.cfg, state.optimizer, state.scaler
+        images, targets = batch_to_device(*batch, self.device)
+        with autocast_context(cfg, self.device):
+            losses = self.model(images, targets)
+        total = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(total).backward()
+            scaler.unscale_(optimizer)
+        else:
+            total.backward()
+        if cfg.SOLVER.CLIP_GRADIENTS > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.SOLVER.CLIP_GRADIENTS)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        state.losses = losses
+        state.window.add(losses)
+        state.means = state.window.mean(reset=False) if check else None
+        if state.means is not None and not all(math.isfinite(v) for v in state.means.values()):
+            raise FloatingPointError(
+                f"loss became non-finite by iteration {state.iteration + 1}: {state.means}; lower SOLVER.BASE_LR, "
+                f"set SOLVER.CLIP_GRADIENTS, or lengthen SOLVER.WARMUP_ITERS")
+
+    def save_checkpoint(self, iteration: int, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                        final: bool = False) -> Path | None:
+        """Write ``model_NNNNNNN.pth`` (``model_final.pth`` with ``final``) holding every rank's RNG state.
+
+        Every rank calls it (the RNG states are gathered); rank 0 writes and gets the path, the others None.
+        """
         rngs = comm.gather_object(rng_state())  # each rank resumes its own random stream
-        if comm.is_main_process():
-            name = "model_final.pth" if final else f"model_{iteration:07d}.pth"
-            save_training_checkpoint(self.output_dir / name, self.cfg, self.model, optimizer, iteration,
-                                     self.teacher.identity, self.vocabulary, scaler, rngs)
-            self.logger.info("saved %s", self.output_dir / name)
-            for old in prune_checkpoints(self.output_dir, self.cfg.SOLVER.KEEP_CHECKPOINTS):
-                self.logger.info("removed %s (SOLVER.KEEP_CHECKPOINTS %d)", old.name, self.cfg.SOLVER.KEEP_CHECKPOINTS)
-            self._plot_curves()
-        comm.synchronize()
+        if not comm.is_main_process():
+            return None
+        path = self.output_dir / ("model_final.pth" if final else f"model_{iteration:07d}.pth")
+        save_training_checkpoint(path, self.cfg, self.model, optimizer, iteration, self.teacher.identity,
+                                 self.vocabulary, scaler, rngs)
+        self.logger.info("saved %s", path)
+        return path
 
-    def _plot_curves(self) -> None:
+    def plot_curves(self) -> None:
         """Redraw OUTPUT_DIR/training_curves.png; a plotting problem is logged, never ends a training run."""
         metrics = self.output_dir / "metrics.jsonl"
         if not comm.is_main_process() or not metrics.is_file():
@@ -406,7 +407,8 @@ class Trainer:
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
     def test(self) -> dict:
-        """Evaluate on every DATASETS.TEST dataset with its own full vocabulary.
+        """Evaluate on every DATASETS.TEST dataset with its own full vocabulary, passed to the model per call:
+        the vocabulary installed for training stays as it is.
 
         Datasets over the same images and categories (one JSON scored by both the LVIS and the COCO
         evaluator, say) share one inference pass.
@@ -423,31 +425,15 @@ class Trainer:
         results = {}
         for members in groups.values():
             ds = members[0][1]
-            self.set_vocabulary(ds.category_names, ds.base_mask)
             evaluators = [build_evaluator(d, self.output_dir / "inference" / n,
                                           per_category=self.cfg.TEST.PER_CATEGORY_TABLE) for n, d in members]
             metrics = inference_on_dataset(unwrap(self.model), build_test_loader(self.cfg, ds), evaluators,
-                                           self.device, autocast_context(self.cfg, self.device))
+                                           self.device, autocast_context(self.cfg, self.device),
+                                           vocabulary=self.embed_vocabulary(ds.category_names, ds.base_mask))
             for (name, _), m in zip(members, metrics):
                 results[name] = m
                 if comm.is_main_process():
                     self.logger.info("%s: %s", name, {k: (round(v, 2) if isinstance(v, float) else v)
-                                                      for k, v in _flatten(m).items()})
+                                                      for k, v in flatten_metrics(m).items()})
         return {name: results[name] for name in self.cfg.DATASETS.TEST}
-
-
-def _every(period: int, it: int) -> bool:
-    """Whether iteration ``it`` (0-based) ends a period; a period of 0 means never."""
-    return period > 0 and (it + 1) % period == 0
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{prefix}{k}"] = float(v)
-    return out
-
 

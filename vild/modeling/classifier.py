@@ -1,13 +1,31 @@
 """Open-vocabulary classification: cosine similarity with text embeddings plus a learned background."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+class ClassifierVocabulary(NamedTuple):
+    """The categories a ``TextClassifier`` scores, as it uses them (``TextClassifier.make_vocabulary`` builds one).
+
+    ``text_embeddings`` [K, D] L2-normalised float32; ``base_mask`` bool [K] (True: seen in training);
+    ``reference_embeddings`` [Kr, D]: hidden categories that compete in the softmax, never output.
+    """
+
+    text_embeddings: torch.Tensor
+    base_mask: torch.Tensor
+    reference_embeddings: torch.Tensor
+
+
 class TextClassifier(nn.Module):
-    """Logits = [bg, text embeddings] · region embedding / τ; the text matrix is a swappable buffer."""
+    """Logits = [bg, text embeddings] · region embedding / τ.
+
+    The vocabulary is either installed (``set_vocabulary``: non-persistent buffers) or passed per call
+    (``forward(..., vocabulary=...)``), which leaves the installed one as it is.
+    """
 
     def __init__(self, embed_dim: int, temperature: float = 0.01):
         super().__init__()
@@ -25,9 +43,15 @@ class TextClassifier(nn.Module):
         """Size of the current vocabulary (background excluded)."""
         return self.text_embeddings.shape[0]
 
-    def set_vocabulary(self, text_embeddings: torch.Tensor, base_mask: torch.Tensor | None = None,
-                       reference: torch.Tensor | None = None) -> None:
-        """Replace the vocabulary; ``base_mask`` marks categories seen in training (None: all novel).
+    @property
+    def installed_vocabulary(self) -> ClassifierVocabulary:
+        """The vocabulary ``set_vocabulary`` installed (the buffers themselves, not copies)."""
+        return ClassifierVocabulary(self.text_embeddings, self.base_mask, self.reference_embeddings)
+
+    def make_vocabulary(self, text_embeddings: torch.Tensor, base_mask: torch.Tensor | None = None,
+                        reference: torch.Tensor | None = None) -> ClassifierVocabulary:
+        """A checked, normalised vocabulary on this classifier's device; ``base_mask`` marks categories seen in
+        training (None: all novel).
 
         ``reference`` [Kr, D]: hidden categories (the training names, say) that compete for each region in
         the softmax but never appear in the output, so that a region showing one of them is not forced
@@ -46,9 +70,23 @@ class TextClassifier(nn.Module):
         if base_mask.shape != (k,):
             raise ValueError(f"base_mask has shape {tuple(base_mask.shape)}; expected ({k},)")
         device = self.background.device
-        self.text_embeddings = F.normalize(text_embeddings.detach().float(), dim=-1).to(device)
-        self.base_mask = base_mask.to(device)
-        self.reference_embeddings = F.normalize(reference.detach().float(), dim=-1).to(device)
+        return ClassifierVocabulary(F.normalize(text_embeddings.detach().float(), dim=-1).to(device),
+                                    base_mask.to(device),
+                                    F.normalize(reference.detach().float(), dim=-1).to(device))
+
+    def set_vocabulary(self, text_embeddings: torch.Tensor, base_mask: torch.Tensor | None = None,
+                       reference: torch.Tensor | None = None) -> None:
+        """Install the vocabulary that calls without one of their own use (arguments as ``make_vocabulary``'s)."""
+        vocab = self.make_vocabulary(text_embeddings, base_mask, reference)
+        self.text_embeddings, self.base_mask, self.reference_embeddings = vocab
+
+    def vocabulary_for(self, vocabulary: ClassifierVocabulary | None) -> ClassifierVocabulary:
+        """``vocabulary`` if given, else the installed one (which must be set)."""
+        if vocabulary is not None:
+            return vocabulary
+        if self.num_classes == 0:
+            raise RuntimeError("no vocabulary set: call set_vocabulary(text_embeddings) first")
+        return self.installed_vocabulary
 
     def _check_shape(self, emb: torch.Tensor, what: str) -> None:
         if emb.dim() != 2 or emb.shape[1] != self.embed_dim:
@@ -57,9 +95,10 @@ class TextClassifier(nn.Module):
                 f"[K, {self.embed_dim}] (MODEL.VILD.EMBED_DIM must equal the CLIP teacher's embedding size)")
 
     def forward(self, region_embeddings: torch.Tensor, with_background: bool = True,
-                shift: torch.Tensor | None = None) -> torch.Tensor:
+                shift: torch.Tensor | None = None, vocabulary: ClassifierVocabulary | None = None) -> torch.Tensor:
         """Return logits [R, 1 + K + Kr] (background first, hidden reference categories last) or [R, K + Kr].
 
+        ``vocabulary``: the categories of this call (default: the installed ones).
         ``shift`` [D] (s): category logits use (x − s)·t / τ, the background's stays x·b / τ. With s a
         share of the mean embedding of typical regions, this is centering against hubs: some names'
         text embeddings sit near most region embeddings whatever they show (a cosine to a typical
@@ -67,13 +106,12 @@ class TextClassifier(nn.Module):
         region gets (s·t) takes that head start away, and lowers all names against the background by
         what a typical region scores for them.
         """
-        if self.num_classes == 0:
-            raise RuntimeError("no vocabulary set: call set_vocabulary(text_embeddings) first")
+        vocab = self.vocabulary_for(vocabulary)
         # fp32 even under autocast: ×100 logits in bf16 come in steps of 0.25, enough to reorder near-tied classes
         with torch.autocast(region_embeddings.device.type, enabled=False):
-            weights = self.text_embeddings
-            if len(self.reference_embeddings):
-                weights = torch.cat([weights, self.reference_embeddings], dim=0)
+            weights = vocab.text_embeddings
+            if len(vocab.reference_embeddings):
+                weights = torch.cat([weights, vocab.reference_embeddings], dim=0)
             x = region_embeddings.float()
             logits = (x - shift.float()) @ weights.t() if shift is not None else x @ weights.t()
             if with_background:

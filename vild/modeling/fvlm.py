@@ -23,6 +23,7 @@ from torchvision.ops.feature_pyramid_network import (
 
 from ..config import CfgNode
 from .backbone import freeze_batchnorm
+from .classifier import ClassifierVocabulary
 from .roi_heads import ViLDRoIHeads
 from .vild import ViLD, assemble_model
 
@@ -220,17 +221,20 @@ class FVLMRoIHeads(ViLDRoIHeads):
         super().__init__(*args, **kwargs)
         self.vlm, self.alpha, self.beta, self.vlm_temperature = vlm, alpha, beta, vlm_temperature
 
-    def vlm_scores(self, last_map: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
-        """CLIP's probabilities [R, K] over the vocabulary for each image's boxes (no background)."""
+    def vlm_scores(self, last_map: torch.Tensor, boxes: list[torch.Tensor],
+                   vocabulary: ClassifierVocabulary | None = None) -> torch.Tensor:
+        """CLIP's probabilities [R, K] over ``vocabulary`` (default: the installed one) for each image's boxes
+        (no background)."""
+        text = self.classifier.vocabulary_for(vocabulary).text_embeddings
         emb = self.vlm(last_map, boxes)
-        return F.softmax(emb @ self.classifier.text_embeddings.t() / self.vlm_temperature, dim=-1)
+        return F.softmax(emb @ text.t() / self.vlm_temperature, dim=-1)
 
     def rescore(self, scores: torch.Tensor, boxes: torch.Tensor, counts: list[int], features: dict,
-                image_sizes: list) -> torch.Tensor:
+                image_sizes: list, vocabulary: ClassifierVocabulary) -> torch.Tensor:
         """The detector's probabilities ensembled with CLIP's for the same (clipped) boxes."""
         clipped = [box_ops.clip_boxes_to_image(b, s) for b, s in zip(boxes.split(counts), image_sizes)]
-        p_vlm = self.vlm_scores(features[CLIP_FEATURES], clipped)
-        return fvlm_ensemble(scores, p_vlm, self.classifier.base_mask, self.alpha, self.beta)
+        p_vlm = self.vlm_scores(features[CLIP_FEATURES], clipped, vocabulary)
+        return fvlm_ensemble(scores, p_vlm, vocabulary.base_mask, self.alpha, self.beta)
 
 
 class FVLM(ViLD):

@@ -19,7 +19,7 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _onnx_merge_levels, _setup_scales
 
 from .box_head import ViLDBoxHead
-from .classifier import TextClassifier, ensemble_scores
+from .classifier import ClassifierVocabulary, TextClassifier, ensemble_scores
 from .conv_stack import run_conv_stack
 from .losses import box_regression_loss, classification_loss, distillation_loss
 from .postprocess import DetectionSettings, clip_boxes_per_image, select_detections, select_detections_batched
@@ -188,8 +188,9 @@ class ViLDRoIHeads(nn.Module):
 
     # ---- inference ------------------------------------------------------------------------
     def class_scores(self, pooled: torch.Tensor, objectness: torch.Tensor | None = None,
-                     settings: DetectionSettings | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return per-class scores [R, K] and box deltas [R, 4].
+                     settings: DetectionSettings | None = None, vocabulary: ClassifierVocabulary | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return per-class scores [R, K] over ``vocabulary`` (default: the installed one) and box deltas [R, 4].
 
         A score is the class probability (background and the classifier's hidden reference categories
         compete in the softmax, then are dropped), times the proposal's RPN objectness [R] to the power
@@ -198,24 +199,25 @@ class ViLDRoIHeads(nn.Module):
         trained on, while the softmax over a few names is forced to pick one of them for any region.
         """
         st = settings or self.test_settings
+        vocab = self.classifier.vocabulary_for(vocabulary)
         shift = st.centering * self.region_mean if st.centering else (None, None)
-        k = self.classifier.num_classes
+        k = vocab.text_embeddings.shape[0]  # not len(): a traced graph keeps K an input
         emb, deltas = self.text_head(pooled)
-        scores = F.softmax(self.classifier(emb, shift=shift[0]).float(), dim=-1)[:, 1:k + 1]
+        scores = F.softmax(self.classifier(emb, shift=shift[0], vocabulary=vocab).float(), dim=-1)[:, 1:k + 1]
         if self.image_head is not None:
             img_emb, _ = self.image_head(pooled)
-            p_image = F.softmax(self.classifier(img_emb, with_background=False, shift=shift[1]).float(),
-                                dim=-1)[:, :k]
-            scores = ensemble_scores(scores, p_image, self.classifier.base_mask, self.ensemble_lambda)
+            p_image = F.softmax(self.classifier(img_emb, with_background=False, shift=shift[1],
+                                                vocabulary=vocab).float(), dim=-1)[:, :k]
+            scores = ensemble_scores(scores, p_image, vocab.base_mask, self.ensemble_lambda)
         w = st.objectness_weight
         if w > 0 and objectness is not None:
             scores = scores.clamp_min(1e-12) ** (1.0 - w) * objectness.float().clamp_min(1e-12)[:, None] ** w
         return scores, deltas
 
     def rescore(self, scores: torch.Tensor, boxes: torch.Tensor, counts: list[int], features: dict,
-                image_sizes: list) -> torch.Tensor:
-        """Hook for variants that combine the class probabilities [R, K] with another scorer of the decoded boxes
-        [R, 4] (``counts`` per image): F-VLM's frozen CLIP. The probabilities as they are here."""
+                image_sizes: list, vocabulary: ClassifierVocabulary) -> torch.Tensor:
+        """Hook for variants that combine the class probabilities [R, K] over ``vocabulary`` with another scorer of
+        the decoded boxes [R, 4] (``counts`` per image): F-VLM's frozen CLIP. The probabilities as they are here."""
         return scores
 
     def _predict_masks(self, features: dict, image_sizes: list, results: list[dict], rows: list[torch.Tensor]) -> None:
@@ -238,19 +240,21 @@ class ViLDRoIHeads(nn.Module):
             r["mask_probs"] = p[:, 0][inv]
 
     def forward_test(self, features: dict, proposals: list[torch.Tensor], image_sizes: list,
-                     objectness: list[torch.Tensor] | None = None, settings: DetectionSettings | None = None
-                     ) -> list[dict]:
+                     objectness: list[torch.Tensor] | None = None, settings: DetectionSettings | None = None,
+                     vocabulary: ClassifierVocabulary | None = None) -> list[dict]:
         """Detections per image in the frame of the (resized) network input; masks as [n, M, M] probabilities.
 
         ``objectness``: the RPN's probability of each proposal; ``settings``: what to keep (default: the
-        config's ``test_settings``).
+        config's ``test_settings``); ``vocabulary``: the categories (default: the installed ones).
         """
         st = settings or self.test_settings
+        vocab = self.classifier.vocabulary_for(vocabulary)
         pooled = self.box_pooler(features, proposals, image_sizes)
-        scores, deltas = self.class_scores(pooled, torch.cat(objectness) if objectness is not None else None, st)
+        scores, deltas = self.class_scores(pooled, torch.cat(objectness) if objectness is not None else None, st,
+                                           vocab)
         boxes = self.box_coder.decode(deltas.float(), proposals).squeeze(1)
         counts = [len(p) for p in proposals]
-        scores = self.rescore(scores, boxes, counts, features, image_sizes)
+        scores = self.rescore(scores, boxes, counts, features, image_sizes, vocab)
         results, rows = [], []
         for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes):
             b = box_ops.clip_boxes_to_image(b, size)
@@ -264,14 +268,15 @@ class ViLDRoIHeads(nn.Module):
 
     def forward_test_padded(self, features: dict, proposals: torch.Tensor, image_sizes: torch.Tensor,
                             score_thresh: torch.Tensor | float, max_dets: torch.Tensor | int,
-                            objectness: torch.Tensor | None = None, settings: DetectionSettings | None = None
-                            ) -> dict[str, torch.Tensor]:
+                            objectness: torch.Tensor | None = None, settings: DetectionSettings | None = None,
+                            vocabulary: ClassifierVocabulary | None = None) -> dict[str, torch.Tensor]:
         """``forward_test`` for padded proposals [B, P, 4] (zero rows: none) with no per-image loop, so that it traces.
 
         ``image_sizes`` int [B, 2]; ``score_thresh`` and ``max_dets`` may be 0-d tensors. Returns flat
         ``boxes``, ``scores``, ``labels``, ``batch_index`` (grouped by image, best first) and, with a mask head,
-        ``mask_probs`` [n, M, M]; selection as ``select_detections_batched``. ``objectness`` [B, P] and
-        ``settings`` (scoring, NMS; its threshold and count are the arguments) as in ``forward_test``.
+        ``mask_probs`` [n, M, M]; selection as ``select_detections_batched``. ``objectness`` [B, P],
+        ``settings`` (scoring, NMS; its threshold and count are the arguments) and ``vocabulary`` as in
+        ``forward_test``.
         """
         st = settings or self.test_settings
         n_img, width = proposals.shape[:2]
@@ -279,7 +284,7 @@ class ViLDRoIHeads(nn.Module):
         image_index = torch.arange(n_img, device=flat.device)[:, None].expand(n_img, width).reshape(-1)
         rois = torch.cat([image_index[:, None].to(flat.dtype), flat], dim=1)
         scores, deltas = self.class_scores(pool_rois(self.box_pooler, features, rois, image_sizes),
-                                           None if objectness is None else objectness.reshape(-1), st)
+                                           None if objectness is None else objectness.reshape(-1), st, vocabulary)
         boxes = self.box_coder.decode(deltas.float(), [flat]).view(n_img, width, 4)
         boxes = clip_boxes_per_image(boxes, image_sizes)
         db, ds, dl, di, _ = select_detections_batched(boxes, scores.view(n_img, width, -1), score_thresh,

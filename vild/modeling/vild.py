@@ -11,7 +11,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from ..config import CfgNode
 from .backbone import build_backbone, norm_layer_for
 from .box_head import ViLDBoxHead
-from .classifier import TextClassifier
+from .classifier import ClassifierVocabulary, TextClassifier
 from .postprocess import DetectionSettings
 from .preprocess import ImagePreprocessor
 from .roi_heads import ViLDRoIHeads
@@ -38,17 +38,24 @@ class ViLD(nn.Module):
         ``reference`` [Kr, D]: hidden categories that compete for regions but are never output."""
         self.roi_heads.classifier.set_vocabulary(text_embeddings, base_mask, reference)
 
+    def make_vocabulary(self, text_embeddings: torch.Tensor, base_mask: torch.Tensor | None = None,
+                        reference: torch.Tensor | None = None) -> ClassifierVocabulary:
+        """A vocabulary for one call (``forward(..., vocabulary=...)``), leaving the installed one as it is;
+        arguments as ``set_vocabulary``'s."""
+        return self.roi_heads.classifier.make_vocabulary(text_embeddings, base_mask, reference)
+
     def extract_features(self, images: torch.Tensor) -> tuple[dict, dict]:
         """Feature maps for the RPN and for the RoI heads: the same FPN levels here (F-VLM's heads get one more)."""
         features = self.backbone(images)
         return features, features
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None,
-                paste_masks: bool = True, settings: DetectionSettings | None = None
-                ) -> dict[str, torch.Tensor] | list[dict]:
+                paste_masks: bool = True, settings: DetectionSettings | None = None,
+                vocabulary: ClassifierVocabulary | None = None) -> dict[str, torch.Tensor] | list[dict]:
         """Training: dict of losses. Inference: per-image dicts of boxes, scores, labels, masks (original frame).
 
         ``settings`` (inference): threshold, NMS and detection count for this call; default: the config's.
+        ``vocabulary`` (inference, ``make_vocabulary``): the categories of this call; default: the installed ones.
         """
         if self.training and targets is None:
             raise ValueError("training mode needs targets; call model.eval() for inference")
@@ -61,20 +68,21 @@ class ViLD(nn.Module):
             losses = self.roi_heads.forward_train(features, proposals, batch.image_sizes, targets)
             return {**rpn_losses, **losses}
         proposals, objectness, _ = self.rpn(batch, rpn_features)
-        results = self.roi_heads.forward_test(features, proposals, batch.image_sizes, objectness, settings)
+        results = self.roi_heads.forward_test(features, proposals, batch.image_sizes, objectness, settings,
+                                              vocabulary)
         return self.preprocessor.postprocess(results, batch.image_sizes, original_sizes, self.mask_threshold,
                                              paste=paste_masks)
 
     def forward_padded(self, images: torch.Tensor, image_sizes: torch.Tensor, score_thresh: torch.Tensor | float,
-                       max_dets: torch.Tensor | int, settings: DetectionSettings | None = None
-                       ) -> dict[str, torch.Tensor]:
+                       max_dets: torch.Tensor | int, settings: DetectionSettings | None = None,
+                       vocabulary: ClassifierVocabulary | None = None) -> dict[str, torch.Tensor]:
         """Inference on a normalised, padded batch [B, 3, H, W] with each image's (h, w) in ``image_sizes`` [B, 2],
         without per-image loops (it traces, for ONNX): flat detections in the batch's frame, grouped by image
-        (see ``ViLDRoIHeads.forward_test_padded``)."""
+        (see ``ViLDRoIHeads.forward_test_padded``); ``settings`` and ``vocabulary`` as in ``forward``."""
         rpn_features, features = self.extract_features(images)
         proposals, objectness = self.rpn.propose_padded(images, image_sizes, rpn_features)
         return self.roi_heads.forward_test_padded(features, proposals, image_sizes, score_thresh, max_dets,
-                                                  objectness, settings)
+                                                  objectness, settings, vocabulary)
 
     @torch.no_grad()
     def propose(self, images: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
