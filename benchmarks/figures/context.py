@@ -1,12 +1,20 @@
 """What every figure shares: the run's settings and models (``Context``), targets and rates."""
 from __future__ import annotations
 
+import argparse
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from common import build_torchvision, build_vild, log, median
+
+if TYPE_CHECKING:
+    from torchvision.models.detection import MaskRCNN
+
+    from vild.modeling import ViLD
+    from vild.teacher import CLIPTeacher
 
 
 def target(min_ratio: float | None, ratio: float, note: str = "") -> dict | None:
@@ -24,7 +32,7 @@ def rate(n: float, seconds: list[float]) -> float:
 class Context:
     """Settings of one run plus lazily built, shared models (a model is built once per process)."""
 
-    def __init__(self, args, device: torch.device):
+    def __init__(self, args: argparse.Namespace, device: torch.device):
         self.args, self.device = args, device
         self.cuda = device.type == "cuda"
         self._vild = None
@@ -41,7 +49,7 @@ class Context:
         """Remove the scratch folder (stores, JPEGs, text-embedding caches)."""
         shutil.rmtree(self.scratch, ignore_errors=True)
 
-    def vild(self):
+    def vild(self) -> "ViLD":
         """ViLD R50-FPN with random weights and a 1203-class vocabulary, built on first use."""
         if self._vild is None:
             log("building ViLD R50-FPN (configs/vild_r50.yaml, random init, 1203-class vocabulary)")
@@ -49,7 +57,7 @@ class Context:
                                     detections=self.args.detections, extra_opts=self.args.vild_opts)
         return self._vild
 
-    def torchvision(self):
+    def torchvision(self) -> "MaskRCNN":
         """torchvision's ``maskrcnn_resnet50_fpn`` with random weights (the baseline), built on first use."""
         if self._tv is None:
             log("building torchvision maskrcnn_resnet50_fpn (random init, 91 classes)")
@@ -57,7 +65,7 @@ class Context:
                                          detections=self.args.detections)
         return self._tv
 
-    def teacher(self):
+    def teacher(self) -> "CLIPTeacher":
         """The CLIP teacher ``--clip-model`` with random weights and the 'vild' templates, built on first use."""
         if self._teacher is None:
             from vild.teacher import CLIPTeacher

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import time
+from typing import Any, Callable
 
 import torch
 from common import DispatchCounter, sync
 
 
-def profile_step(fn, device: torch.device, top: int = 8) -> dict:
+def profile_step(fn: Callable[[], Any], device: torch.device, top: int = 8) -> dict:
     """One call of ``fn`` under torch.profiler: where a step's time goes, and on a GPU how busy the GPU was.
 
     ``device_busy_ms`` sums the kernels' durations (one stream: they do not overlap); far below ``wall_ms``
@@ -54,7 +55,7 @@ def _top(prof, attr: str, n: int) -> list:
     return sorted(rows, key=lambda r: -r[1])[:n]
 
 
-def count_flops(fn) -> float:
+def count_flops(fn: Callable[[], Any]) -> float:
     """Matmul and convolution FLOPs of one call of ``fn`` (forward, and backward if it runs one)."""
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)

@@ -1,6 +1,7 @@
 """Figure 3, training: steps/s and peak memory of ViLD (with distillation) against torchvision's Mask R-CNN."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -105,7 +106,7 @@ def _train_targets(kind: str, n: int, size: int, distill: int, device: torch.dev
     return out
 
 
-def train_worker(args) -> dict:
+def train_worker(args: argparse.Namespace) -> dict:
     """One model's training steps in this (fresh) process; peak memory relative to before the first step."""
     import resource
     dev = torch.device(args.device)
