@@ -7,7 +7,7 @@ Four runs, interleaved in one process: the model alone (``Detector.predict`` on 
 serial loop with the host steps as vild-detect ran them before (``baseline``: PIL decoding, each mask blended
 through boolean indexing, labels rendered per detection, RLE of whole masks; the code is kept below); the serial
 loop with today's steps (``read_image``, ``DetectionResult.save``, ``to_coco_json``); and the command's pipeline
-(``vild.detect_cli``: parts of the folder, I/O threads reading ahead of the model and writing behind it, the
+(``vild.cli.detect``: parts of the folder, I/O threads reading ahead of the model and writing behind it, the
 merge into detections.json). The serial loops time the model's calls apart from the rest, so the host's time
 per image (reading, drawing, writing, RLE, JSON) is measured directly, as wall and as CPU time. With a model as
 fast as a GPU makes the R50 one, the host work decides the rate; the demo model (tiny, fast on a CPU) puts a CPU
@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 
 from vild import Detector  # noqa: E402
-from vild.detect_cli import _IdMapper, _Run, _settings  # noqa: E402
+from vild.cli.detect import DetectionRun, IdMapper, run_settings  # noqa: E402
 from vild.detect_parts import PartStore  # noqa: E402
 from vild.io import pil_to_tensor, read_image  # noqa: E402
 from vild.synthetic.world import generate_world  # noqa: E402
@@ -186,8 +186,8 @@ def main(argv=None) -> None:
             out.mkdir()
             _label_mask.cache_clear()
             args = argparse.Namespace(json=True, coco_gt=None)
-            run = _Run(det, out, _IdMapper(None, det.names), taken=set(paths))
-            store = PartStore(out, _settings(args, det, Path(a.weights), paths, 256), len(paths), 256)
+            run = DetectionRun(det, out, IdMapper(None, det.names), taken=set(paths))
+            store = PartStore(out, run_settings(args, det, Path(a.weights), paths, 256), len(paths), 256)
             run.images(paths, store)
             store.wait_for_all()
             with open(out / "detections.json", "w") as f:

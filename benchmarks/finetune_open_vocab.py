@@ -6,7 +6,7 @@
 The demo's ViLD (``tests/assets/demo_model``: trained on 10 base shapes; arrow, heart, ring and star novel) is
 fine-tuned on a dataset of 5 of its base shapes plus 2 of its novel ones, which become new categories learnt from
 boxes (heart, star). Arrow and ring stay novel: in the images, never annotated. Two fine-tunings from the same
-weights, data and settings, each through ``tools/train_net.py`` (``vild.engine.launch.main``):
+weights, data and settings, each through ``vild-train`` (``vild.cli.train.run``):
 
 * with distillation (``MODEL.VILD.VARIANT vild``): the one-command pipeline, the CLIP proposal store filled from
   the starting model's RPN (``PIPELINE.PROPOSAL_MODEL``);
@@ -57,11 +57,11 @@ def finetune_json(coco_train: str, out: Path, num_images: int) -> Path:
 
 
 def run(argv: list[str]) -> dict:
-    """``tools/train_net.py ARGV`` in this (single-thread) process; returns its evaluation metrics."""
+    """``vild-train ARGV`` in this (single-thread) process; returns its evaluation metrics."""
     torch.set_num_threads(1)
-    from vild.engine.launch import main
+    from vild.cli.train import run as train
     t = time.perf_counter()
-    results = main(argv)
+    results = train(argv)
     return {"results": results, "seconds": round(time.perf_counter() - t, 1)}
 
 

@@ -91,16 +91,14 @@ def test_zero_shot_accuracy_on_world_boxes(tmp_path, trained):
 
 
 def test_train_clip_scores_an_existing_teacher_on_any_novel_group(world, tmp_path, monkeypatch):
-    """tools/train_clip.py --teacher: no pretraining; novel group from the JSON's frequency, or by name."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    from train_clip import main
+    """vild-train-clip --teacher: no pretraining; novel group from the JSON's frequency, or by name."""
+    from vild.cli.train_clip import run as train_clip
     monkeypatch.setenv("VILD_CACHE", str(tmp_path / "cache"))
     teacher = str(Path(__file__).parent / "assets" / "demo_model" / "vild-tiny-clip.pt")
     out = tmp_path / "never_written.pt"
-    default = main(["--teacher", teacher, "--world", world["world_info"], "--out", str(out)])
+    default = train_clip(["--teacher", teacher, "--world", world["world_info"], "--out", str(out)])
     assert sorted(default["novel_names"]) == sorted(NOVEL_NAMES) and not out.exists()
-    chosen = main(["--teacher", teacher, "--world", world["lvis_val"], "--novel", "circle,square"])
+    chosen = train_clip(["--teacher", teacher, "--world", world["lvis_val"], "--novel", "circle,square"])
     assert chosen["novel_names"] == ["circle", "square"]
     assert chosen["region_acc_all"] == default["region_acc_all"]  # the same boxes, grouped otherwise
     assert chosen["region_acc_novel"] != default["region_acc_novel"]
@@ -109,4 +107,4 @@ def test_train_clip_scores_an_existing_teacher_on_any_novel_group(world, tmp_pat
     mixed = (chosen["region_acc_novel"] * n_novel + chosen["region_acc_base"] * (n - n_novel)) / n
     assert mixed == pytest.approx(chosen["region_acc_all"])
     with pytest.raises(ValueError, match="not categories"):
-        main(["--teacher", teacher, "--world", world["lvis_val"], "--novel", "unicorn"])
+        train_clip(["--teacher", teacher, "--world", world["lvis_val"], "--novel", "unicorn"])

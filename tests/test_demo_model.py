@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vild.detect_cli import main as detect_main
+from vild.cli.detect import main as detect_main
 from vild.engine.checkpoint import load_checkpoint
 from vild.evaluation.matching import match_coco
 from vild.synthetic.world import NOVEL_NAMES, generate_world

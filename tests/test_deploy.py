@@ -18,12 +18,13 @@ pytest.importorskip("onnx", reason="install the [onnx] extra: pip install -e '.[
 
 from vild import Detector  # noqa: E402
 from vild.config import load_config  # noqa: E402
+from vild.cli.detect import main as detect_main  # noqa: E402
+from vild.cli.embed import main as embed_main  # noqa: E402
+from vild.cli.export import main as export_main  # noqa: E402
 from vild.deploy import (OnnxDetector, OnnxTextEncoder, VocabEmbeddings, export_checkpoint,  # noqa: E402
                          export_detector, load_vocab, save_vocab)
-from vild.deploy.cli import embed_main, export_main  # noqa: E402
 from vild.deploy.runner import OnnxModel  # noqa: E402
 from vild.deploy.tokenizer import BPETokenizer  # noqa: E402
-from vild.detect_cli import main as detect_main  # noqa: E402
 from vild.io import read_image  # noqa: E402
 from vild.modeling import build_model  # noqa: E402
 from vild.modeling.postprocess import select_detections, select_detections_batched  # noqa: E402
@@ -194,7 +195,7 @@ import sys
 for name in ("torch", "torchvision", "open_clip"):
     sys.modules[name] = None  # any import of them fails
 import numpy as np
-from vild.deploy.cli import embed_main
+from vild.cli.embed import main as embed_main
 from vild.deploy.text import load_vocab
 rc = embed_main(["--text-model", {str(exported['text'])!r}, "--vocab", "kite,couch|sofa",
                  "--out", {str(tmp_path / 'v.npz')!r}])

@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from helpers import scene  # noqa: E402
 
-from vild.detect_cli import main
+from vild.cli.detect import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vild.detect_cli import main
+from vild.cli.detect import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 WORKER = '''
 import glob, os, signal, sys, time
 from vild import api
-from vild.detect_cli import main
+from vild.cli.detect import main
 predict, out, calls = api.Detector.predict, sys.argv[sys.argv.index("--output") + 1], []
 def crashing(self, *args, **kwargs):
     calls.append(1)

@@ -11,8 +11,8 @@ import torch
 from vild.config import parse_args_with_overrides
 from vild.data import build_dataset
 from vild.data.validate import DatasetError
-from vild.engine.launch import main as train_main
-from vild.engine.launch import setup_config, train_argument_parser
+from vild.cli.train import run as train_main
+from vild.cli.train import setup_config, train_argument_parser
 
 
 def write_coco(folder, data=None):
@@ -128,7 +128,7 @@ def test_mask_loss_comes_only_from_annotations_with_a_segmentation(one_thread):
 def test_box_only_fine_tune_from_a_mask_model_with_another_vocabulary(ckpt, tmp_path, one_thread, capsys):
     """Box-only data trains no mask head; the model detects (API, detect.py) and is scored without masks."""
     from vild.api import Detector
-    from vild.detect_cli import main as detect_main
+    from vild.cli.detect import main as detect_main
     from vild.engine.checkpoint import load_checkpoint
     js, _ = write_coco(tmp_path)
     out = tmp_path / "out"

@@ -11,7 +11,37 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = {"vild-detect", "vild-train", "vild-precompute", "vild-demo", "vild-export", "vild-embed",
-           "vild-serve"}
+           "vild-serve", "vild-make-world", "vild-train-clip"}
+
+
+def _pyproject_scripts() -> dict[str, str]:
+    """``[project.scripts]`` of pyproject.toml (read by hand: tomllib is Python 3.11+)."""
+    lines = (REPO / "pyproject.toml").read_text().splitlines()
+    start = lines.index("[project.scripts]") + 1
+    scripts = {}
+    for line in lines[start:]:
+        if line.startswith("["):
+            break
+        if "=" in line:
+            name, target = (part.strip() for part in line.split("=", 1))
+            scripts[name] = target.strip('"')
+    return scripts
+
+
+def test_every_console_script_is_a_command_of_vild_cli_and_resolves_to_a_function():
+    import importlib
+
+    from vild.cli import COMMANDS
+    scripts = _pyproject_scripts()
+    assert scripts == COMMANDS and set(scripts) == SCRIPTS
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), name
+    tools = {p.stem for p in (REPO / "tools").glob("*.py")}
+    # every tool in a checkout calls one of the commands
+    for tool in tools:
+        text = (REPO / "tools" / f"{tool}.py").read_text()
+        assert any(f"from {t.split(':')[0]} import main" in text for t in COMMANDS.values()), tool
 
 
 @pytest.fixture(scope="module")

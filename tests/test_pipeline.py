@@ -13,7 +13,7 @@ from helpers import resumed_at
 
 from vild.data import ProposalStore
 from vild.engine.checkpoint import load_checkpoint
-from vild.engine.launch import main as train_main
+from vild.cli.train import run as train_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NOVEL = "star,ring"  # two of the world's shapes, held out by name
@@ -75,7 +75,7 @@ def test_one_command_from_nothing_to_metrics_and_detect(world, box_only, from_no
             } == {"proposal_model"}
     log = (out / "log.txt").read_text()
     assert all(f"stage {i}/4 {name}" in log for i, name in ((2, "store"), (3, "distill"), (4, "evaluate")))
-    from vild.detect_cli import main as detect_main
+    from vild.cli.detect import main as detect_main
     capsys.readouterr()
     assert detect_main(["--weights", str(out / "model_final.pth"), "--vocab", "star,ring,moon", "--input",
                         world["images_val"], "--output", str(tmp_path / "det"), "--json", "--score-thresh", "0"]) == 0

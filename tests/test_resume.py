@@ -8,8 +8,8 @@ import torch
 from helpers import resumed_at, world_opts
 
 from vild.engine.checkpoint import load_checkpoint
-from vild.engine.launch import main as train_main
-from vild.engine.launch import train_argument_parser
+from vild.cli.train import run as train_main
+from vild.cli.train import train_argument_parser
 from vild.config import parse_args_with_overrides
 
 

@@ -1,7 +1,7 @@
 """Batched RoI matching and fg/bg sampling against torchvision's per-image Matcher and sampler."""
+import pytest
 import torch
 from helpers import tiny_model
-from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import box_iou
 
 from vild.modeling.sampling import batched_box_iou, pad_boxes, sample_balanced, sampled_mask
@@ -40,6 +40,8 @@ def test_sample_rois_labels_matches_and_counts_follow_the_per_image_reference():
     proposals[2] = torch.cat([proposals[2], gts[2].repeat(3, 1) + shift])
     proposals[3] = torch.cat([proposals[3], torch.tensor([[0.0, 0.0, 50.0, 100.0]])])  # IoU exactly 0.5: foreground
     targets = [{"boxes": g, "labels": lab} for g, lab in zip(gts, labels)]
+    # the reference: torchvision's per-image Matcher and BoxCoder (a private module of torchvision)
+    det_utils = pytest.importorskip("torchvision.models.detection._utils")
     matcher = det_utils.Matcher(0.5, 0.5, allow_low_quality_matches=False)
     coder = det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))
     out = heads.sample_rois(proposals, targets)

@@ -325,7 +325,7 @@ def test_page_and_api_docs_are_served_and_the_page_loads_nothing_from_elsewhere(
 def test_vild_serve_binds_loopback_by_default_and_takes_the_key_from_the_environment(monkeypatch, capsys, tmp_path):
     import uvicorn
 
-    from vild.cli import serve
+    from vild.cli.serve import main as serve
     runs = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: runs.append((app, kw)))
     monkeypatch.setenv("VILD_API_KEY", "from-env")

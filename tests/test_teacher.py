@@ -178,6 +178,20 @@ def test_save_weights_round_trip(teacher, tmp_path):
     assert teacher.identity["sha256"] != ident["sha256"]  # random init: fingerprint of the tensors
 
 
+def test_identity_follows_weights_changed_in_place_once_forgotten(teacher):
+    before = teacher.identity["sha256"]
+    with torch.no_grad():
+        next(teacher.model.parameters()).add_(1.0)
+    assert teacher.identity["sha256"] == before  # remembered: hashing the weights at every call would be slow
+    teacher.forget_identity()
+    assert teacher.identity["sha256"] != before
+
+
+def test_autocast_is_bf16_autocast_on_cuda(teacher):
+    ctx = teacher.autocast()
+    assert isinstance(ctx, torch.autocast) and ctx.device == "cuda" and ctx.fast_dtype == torch.bfloat16
+
+
 def test_frozen_and_eval(teacher):
     assert not any(p.requires_grad for p in teacher.parameters())
     teacher.train()

@@ -12,8 +12,8 @@ import torch
 
 from vild.engine.checkpoint import load_checkpoint
 from vild.engine.curves import PANEL_H, panels, read_metrics
-from vild.engine.launch import main as train_main
-from vild.engine.precompute import main as precompute_main
+from vild.cli.train import run as train_main
+from vild.cli.precompute import run as precompute_main
 
 
 from helpers import resumed_at, world_opts  # noqa: E402,F401
@@ -122,7 +122,7 @@ def test_torchrun_two_processes_on_cpu(world, teacher_file):
     argv = ["--num-gpus", "2", "--config", "tiny_test.yaml",
             *world_opts(world, out, max_iter=3, **{"SOLVER.CHECKPOINT_PERIOD": 100, "SOLVER.IMS_PER_BATCH": 4,
                                                     "MODEL.BACKBONE.NORM": "SyncBN"})]  # CUDA-only: plain BN here
-    cmd = [sys.executable, "-c", f"from vild.engine.launch import main; main({argv!r})", "--unrelated-flag"]
+    cmd = [sys.executable, "-c", f"from vild.cli.train import run; run({argv!r})", "--unrelated-flag"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and "SyncBN runs on CUDA only" in proc.stdout + proc.stderr

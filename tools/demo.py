@@ -5,8 +5,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from vild.cli import demo  # noqa: E402
+from vild.cli.demo import main  # noqa: E402
 
 if __name__ == "__main__":
     # In a checkout the table and picture are the ones the README shows.
-    sys.exit(demo(results_dir="benchmarks/results", picture="docs/demo_novel_detections.png"))
+    sys.exit(main(results_dir="benchmarks/results", picture="docs/demo_novel_detections.png"))

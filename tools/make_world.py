@@ -1,27 +1,11 @@
-"""Generate the synthetic shapes world (images + COCO/LVIS JSON): python tools/make_world.py --out DIR."""
-import argparse
-import json
-import time
+#!/usr/bin/env python
+"""The synthetic shapes world (images + COCO/LVIS JSON): ``python tools/make_world.py --out DIR``."""
+import sys
+from pathlib import Path
 
-from vild.synthetic.world import generate_world
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-
-def main() -> None:
-    """Parse arguments and write the world."""
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default="output/world")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-train", type=int, default=600)
-    p.add_argument("--num-val", type=int, default=150)
-    p.add_argument("--image-size", type=int, default=128)
-    a = p.parse_args()
-    t = time.time()
-    w = generate_world(a.out, seed=a.seed, num_train=a.num_train, num_val=a.num_val,
-                       image_size=a.image_size)
-    print(json.dumps({k: w[k] for k in ("lvis_train", "lvis_val", "coco_train", "coco_val",
-                                        "novel_names")}, indent=1))
-    print(f"world written to {a.out} in {time.time() - t:.1f}s")
-
+from vild.cli.make_world import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

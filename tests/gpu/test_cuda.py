@@ -19,7 +19,7 @@ from torchvision.ops import box_iou
 
 from vild import Detector
 from vild.engine.checkpoint import load_checkpoint
-from vild.engine.launch import main as train_main
+from vild.cli.train import run as train_main
 from vild.teacher import CLIPTeacher
 
 ROOT = Path(__file__).resolve().parents[2]

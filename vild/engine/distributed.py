@@ -50,7 +50,7 @@ def init_distributed(device: torch.device) -> None:
 def relaunch_with_torchrun(num_procs: int, args: list[str]) -> None:
     """Replace this process by ``torchrun --standalone`` running training with ``args`` in ``num_procs`` processes.
 
-    The children run ``vild.engine.launch`` as a module, so this works however training was started:
+    The children run ``vild.cli.train`` as a module, so this works however training was started:
     ``tools/train_net.py``, ``vild-train``, or ``main(argv)`` from Python.
     """
     args = [a for i, a in enumerate(args) if not _is_num_gpus_arg(args, i)]
@@ -59,7 +59,7 @@ def relaunch_with_torchrun(num_procs: int, args: list[str]) -> None:
     if (root / "pyproject.toml").is_file():  # a checkout: its vild, importable without installing
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_procs}",
-           "-m", "vild.engine.launch", *args]
+           "-m", "vild.cli.train", *args]
     os.execve(sys.executable, cmd, env)
 
 

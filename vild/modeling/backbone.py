@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision.models import resnet
-from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -70,9 +70,29 @@ def build_backbone(cfg: CfgNode, load_pretrained: bool = True) -> BackboneWithFP
     if bcfg.PRETRAINED and load_pretrained:
         load_resnet_weights(net, bcfg.PRETRAINED)
     trainable = bcfg.TRAINABLE_LAYERS if bcfg.PRETRAINED else 5  # a random init must train every stage
-    backbone = _resnet_fpn_extractor(net, trainable, returned, LastLevelMaxPool())
+    backbone = resnet_fpn(net, trainable, returned, bcfg.OUT_CHANNELS)
     freeze_batchnorm(backbone.body)
     return backbone
+
+
+def resnet_fpn(net: resnet.ResNet, trainable_layers: int, returned_layers: list[int], out_channels: int = 256
+               ) -> BackboneWithFPN:
+    """An FPN (with a max-pooled extra level) on stages ``returned_layers`` (1..4) of ``net``, whose last
+    ``trainable_layers`` (0..5: layer4, layer3, layer2, layer1, then the stem) train and the rest are frozen."""
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"MODEL.BACKBONE.TRAINABLE_LAYERS must be 0 to 5 (stages that train), got {trainable_layers}")
+    if not returned_layers or min(returned_layers) < 1 or max(returned_layers) > 4:
+        raise ValueError(f"MODEL.BACKBONE.RETURNED_LAYERS must be ResNet stages 1 to 4, got {returned_layers}")
+    training = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        training.append("bn1")  # the stem's BatchNorm trains with its conv
+    for name, p in net.named_parameters():
+        if not any(name.startswith(prefix) for prefix in training):
+            p.requires_grad_(False)
+    # stage k's width: the last stage's (net.inplanes once built) halved per stage before it
+    widths = [net.inplanes // 2 ** (4 - k) for k in returned_layers]
+    return BackboneWithFPN(net, {f"layer{k}": str(i) for i, k in enumerate(returned_layers)}, widths, out_channels,
+                           extra_blocks=LastLevelMaxPool())
 
 
 def freeze_batchnorm(module: nn.Module) -> None:

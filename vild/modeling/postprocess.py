@@ -4,9 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torchvision.models.detection._utils import _topk_min
 from torchvision.ops import batched_nms, nms
-from torchvision.ops.boxes import _batched_nms_vanilla
 
 
 @dataclass(frozen=True)
@@ -168,7 +166,7 @@ def select_detections_batched(boxes: torch.Tensor, scores: torch.Tensor, score_t
         img, row = best_per_group(img, row, best[img, row], b, max_dets)
         return boxes[img, row], best[img, row], labels[img, row], img, row
     flat = scores.masked_fill(without_area(boxes)[..., None], float("-inf")).reshape(b, r * k)
-    k_cand = _topk_min(flat, topk_candidates, 1) if topk_candidates > 0 else flat.shape[1]
+    k_cand = topk_size(flat, topk_candidates, 1) if topk_candidates > 0 else flat.shape[1]
     cand_scores, idx = flat.topk(k_cand, dim=1)  # [B, C] per image
     rows, labels = torch.div(idx, k, rounding_mode="floor"), idx % k
     cand_boxes = boxes.gather(1, rows[..., None].expand(-1, -1, 4))
@@ -200,7 +198,7 @@ class _GroupedNMS(torch.autograd.Function):
     def forward(ctx, boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
         b, g, n = scores.shape
         img, grp, box = torch.isfinite(scores).nonzero(as_tuple=True)
-        keep = _batched_nms_vanilla(boxes[img, box], scores[img, grp, box], img * g + grp, iou_threshold)
+        keep = nms_each_group(boxes[img, box], scores[img, grp, box], img * g + grp, iou_threshold)
         return torch.stack([img[keep], grp[keep], box[keep]], dim=1)
 
     @staticmethod
@@ -210,6 +208,31 @@ class _GroupedNMS(torch.autograd.Function):
         # -inf entries are left out: every kept score is over the lowest float
         floor = g.op("Constant", value_t=torch.tensor([torch.finfo(torch.float32).min], dtype=torch.float32))
         return g.op("NonMaxSuppression", boxes, scores, max_out, iou, floor)
+
+
+def nms_each_group(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float
+                   ) -> torch.Tensor:
+    """Indices of the boxes [N, 4] that NMS keeps within each group (``groups`` [N]), by decreasing score.
+
+    One ``nms`` call per group, as torchvision's ``batched_nms`` computes it for small inputs (its larger ones
+    offset the coordinates instead, whose rounding can flip a pair whose IoU sits at the threshold).
+    """
+    kept = torch.zeros_like(scores, dtype=torch.bool)
+    for group in torch.unique(groups):
+        members = torch.where(groups == group)[0]
+        kept[members[nms(boxes[members], scores[members], iou_threshold)]] = True
+    survivors = torch.where(kept)[0]
+    return survivors[scores[survivors].sort(descending=True)[1]]
+
+
+def topk_size(x: torch.Tensor, k: int, dim: int) -> int | torch.Tensor:
+    """``min(k, x.size(dim))``: the most ``topk`` may take. While tracing, a tensor computed from the size, so that
+    an exported graph takes ``k`` from inputs of any size instead of the traced one's."""
+    if not torch.jit.is_tracing():
+        return min(k, x.size(dim))
+    from torch.onnx.operators import shape_as_tensor
+    size = shape_as_tensor(x)[dim].unsqueeze(0)
+    return torch.min(torch.cat((torch.tensor([k], dtype=size.dtype), size), 0))
 
 
 def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:

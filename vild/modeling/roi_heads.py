@@ -12,16 +12,16 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.roi_heads import maskrcnn_loss
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops import boxes as box_ops
-from torchvision.ops.poolers import _onnx_merge_levels, _setup_scales
 
+from .box_coder import BoxCoder
 from .box_head import ViLDBoxHead
 from .classifier import ClassifierVocabulary, TextClassifier, ensemble_scores
 from .conv_stack import run_conv_stack
 from .losses import box_regression_loss, classification_loss, distillation_loss
+from .pooling import level_scales, merge_levels
 from .postprocess import DetectionSettings, clip_boxes_per_image, select_detections, select_detections_batched
 from .sampling import batched_box_iou, box_valid, pad_boxes, sample_balanced, sampled_rows
 
@@ -60,7 +60,7 @@ class ViLDRoIHeads(nn.Module):
         self.mask_pooler, self.mask_head, self.mask_predictor = mask_pooler, mask_head, mask_predictor
         self.fg_iou_thresh, self.bg_iou_thresh = fg_iou_thresh, bg_iou_thresh
         self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
-        self.box_coder = det_utils.BoxCoder(tuple(bbox_reg_weights))
+        self.box_coder = BoxCoder(tuple(bbox_reg_weights))
         self.distill_weight = distill_weight
         self.num_distill_proposals = num_distill_proposals
         self.ensemble_lambda = ensemble_lambda
@@ -304,14 +304,15 @@ def pool_rois(pooler: MultiScaleRoIAlign, features: dict, rois: torch.Tensor, im
     number of images can stay dynamic in a traced graph; same levels, scales and RoIAlign as the pooler's."""
     x = [v for k, v in features.items() if k in pooler.featmap_names]
     if pooler.scales is None or pooler.map_levels is None:
+        # kept on the pooler, where its own forward keeps them: both ways of pooling use the same levels
         shapes = [tuple(int(v) for v in s) for s in image_sizes]
-        pooler.scales, pooler.map_levels = _setup_scales(x, shapes, pooler.canonical_scale, pooler.canonical_level)
+        pooler.scales, pooler.map_levels = level_scales(x, shapes, pooler.canonical_scale, pooler.canonical_level)
     if len(x) == 1:
         return roi_align(x[0], rois, pooler.output_size, pooler.scales[0], pooler.sampling_ratio)
     levels = pooler.map_levels([rois[:, 1:]])
     per_level = [roi_align(f, rois[torch.where(levels == lv)[0]], pooler.output_size, scale, pooler.sampling_ratio)
                  for lv, (f, scale) in enumerate(zip(x, pooler.scales))]
-    return _onnx_merge_levels(levels, per_level)
+    return merge_levels(levels, per_level)
 
 
 def _unzip(rows: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 from torchvision.ops import nms
 
-from .postprocess import best_per_group, clip_boxes_per_image, grouped_nms, rank_within_group, scatter_rows
+from .box_coder import BoxCoder
+from .postprocess import (best_per_group, clip_boxes_per_image, grouped_nms, rank_within_group, scatter_rows,
+                          topk_size)
 from .sampling import batched_box_iou, box_valid, pad_boxes, sample_balanced, sampled_mask
 
 # IoU matrices bigger than this many elements are built a few images at a time (LVIS images can have
@@ -28,8 +31,30 @@ from .sampling import batched_box_iou, box_valid, pad_boxes, sample_balanced, sa
 MAX_IOU_ELEMENTS = 1 << 24
 
 
+def top_n_per_level(objectness: Tensor, num_anchors_per_level: list[int], n: int) -> Tensor:
+    """Anchor indices [B, P]: each image's ``n`` best by objectness [B, A] in every level (all of a smaller one),
+    level after level, best first within a level."""
+    picked, offset = [], 0
+    for level in objectness.split(num_anchors_per_level, 1):
+        picked.append(level.topk(topk_size(level, n, 1), dim=1).indices + offset)
+        offset += level.shape[1]
+    return torch.cat(picked, dim=1)
+
+
 class BatchedRPN(RegionProposalNetwork):
     """A drop-in ``RegionProposalNetwork`` (same constructor and outputs) without per-image loops in training."""
+
+    def __init__(self, anchor_generator: AnchorGenerator, head: nn.Module, fg_iou_thresh: float,
+                 bg_iou_thresh: float, batch_size_per_image: int, positive_fraction: float,
+                 pre_nms_top_n: dict[str, int], post_nms_top_n: dict[str, int], nms_thresh: float,
+                 score_thresh: float = 0.0):
+        super().__init__(anchor_generator, head, fg_iou_thresh, bg_iou_thresh, batch_size_per_image,
+                         positive_fraction, pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh)
+        # matching, sampling and box coding run on this module's own code and settings: torchvision's helpers
+        # for them (Matcher, the sampler, BoxCoder) live in a private module
+        self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+        self.fg_iou_thresh, self.bg_iou_thresh = fg_iou_thresh, bg_iou_thresh
+        self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
 
     def assign_targets_to_anchors_batched(self, anchors: Tensor, gt_boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Labels [B, A] (1 fg, 0 bg, -1 ignored) and matched gt boxes [B, A, 4] for anchors shared by the images."""
@@ -56,8 +81,7 @@ class BatchedRPN(RegionProposalNetwork):
         valid_gt = box_valid(gt)  # padding rows get IoU -1: they never win a match
         iou = batched_box_iou(gt, anchors.expand(len(gt), -1, -1)).masked_fill_(~valid_gt[..., None], -1.0)
         best, idx = iou.max(dim=1)  # [b, A]
-        m = self.proposal_matcher
-        labels = torch.where(best >= m.high_threshold, 1.0, torch.where(best < m.low_threshold, 0.0, -1.0))
+        labels = torch.where(best >= self.fg_iou_thresh, 1.0, torch.where(best < self.bg_iou_thresh, 0.0, -1.0))
         # low-quality matches: the anchors that some gt overlaps most (ties included) are foreground
         best_per_gt = iou.max(dim=2, keepdim=True).values
         top = ((iou == best_per_gt) & valid_gt[..., None]).any(dim=1)
@@ -68,7 +92,7 @@ class BatchedRPN(RegionProposalNetwork):
         """Top-n per level, clip, drop tiny and low-scoring boxes, NMS per level, keep the best post-NMS top-n."""
         n_img = proposals.shape[0]
         objectness = objectness.detach().reshape(n_img, -1)
-        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)
+        top_n_idx = top_n_per_level(objectness, num_anchors_per_level, self.pre_nms_top_n())
         scores = torch.sigmoid(objectness.gather(1, top_n_idx))
         boxes = proposals.gather(1, top_n_idx[..., None].expand(-1, -1, 4))
         xs, ys = boxes[..., 0::2], boxes[..., 1::2]  # views: clamping them in place clips the boxes
@@ -101,9 +125,8 @@ class BatchedRPN(RegionProposalNetwork):
     def compute_loss_batched(self, objectness: Tensor, deltas: Tensor, labels: Tensor,
                              regression_targets: Tensor) -> tuple[Tensor, Tensor]:
         """torchvision's RPN losses on a sample drawn for all images at once, by masks instead of indices."""
-        pos_idx, neg_idx, num_pos, num_neg = sample_balanced(labels == 1, labels == 0,
-                                                             self.fg_bg_sampler.batch_size_per_image,
-                                                             self.fg_bg_sampler.positive_fraction)
+        pos_idx, neg_idx, num_pos, num_neg = sample_balanced(labels == 1, labels == 0, self.batch_size_per_image,
+                                                             self.positive_fraction)
         sampled = sampled_mask(pos_idx, neg_idx, num_pos, num_neg, labels.shape[1]).reshape(-1)
         positive = sampled & (labels.reshape(-1) == 1)
         n_sampled = (num_pos + num_neg).sum().clamp(min=1)
@@ -149,7 +172,7 @@ class BatchedRPN(RegionProposalNetwork):
         proposals = self.box_coder.decode_single(deltas, anchors).view(n_anchors, n_img, 4).transpose(0, 1)
         objectness = objectness.detach().reshape(n_img, -1)
         # filter_proposals, all images at once
-        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)
+        top_n_idx = top_n_per_level(objectness, num_anchors_per_level, self.pre_nms_top_n())
         scores = torch.sigmoid(objectness.gather(1, top_n_idx))
         boxes = clip_boxes_per_image(proposals.gather(1, top_n_idx[..., None].expand(-1, -1, 4)), image_sizes)
         wh = boxes[..., 2:] - boxes[..., :2]

@@ -149,7 +149,12 @@ class CLIPTeacher(nn.Module):
         return {"model": self.model_name, "pretrained": self.pretrained, "sha256": self._sha256,
                 "quick_gelu": self._quick_gelu}
 
-    def _autocast(self):
+    def forget_identity(self) -> None:
+        """Forget the weights' fingerprint, so that the next ``identity`` hashes them again (after an in-place change)."""
+        self._sha256 = None
+
+    def autocast(self) -> torch.autocast:
+        """The precision the towers run in: a context of bf16 autocast on CUDA, of no autocast elsewhere."""
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     # ---- text ----------------------------------------------------------------------------
@@ -199,7 +204,7 @@ class CLIPTeacher(nn.Module):
         with tqdm(total=len(prompts), desc=desc, unit="prompt", delay=self.PROGRESS_DELAY_S, file=sys.stderr) as bar:
             for b in range(0, len(prompts), self.batch_size):
                 texts, idx = prompts[b:b + self.batch_size], prompt_synonym[b:b + self.batch_size]
-                with self._autocast():
+                with self.autocast():
                     e = encode_prompts(self.model, self.tokenizer(texts), self.device, self._truncate_prompts)
                 per_syn.index_add_(0, torch.tensor(idx), F.normalize(e.float(), dim=-1).cpu())
                 bar.update(len(idx))
@@ -235,7 +240,7 @@ class CLIPTeacher(nn.Module):
         for b in range(0, len(x), self.batch_size):
             xb = x[b:b + self.batch_size]
             xb = xb if normalized else (xb - self.mean) / self.std
-            with self._autocast():
+            with self.autocast():
                 out.append(F.normalize(self.model.encode_image(xb).float(), dim=-1))
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=self.device)
 

@@ -1,59 +1,12 @@
-"""Console entry points of an installed vild: ``vild-detect``, ``vild-train``, ``vild-precompute``, ``vild-demo``,
-``vild-export``, ``vild-embed``, ``vild-serve``.
-
-Each returns the process exit status; ``tools/*.py`` in a checkout call the same functions.
-"""
+"""``vild-demo`` (``tools/demo.py`` in a checkout): the synthetic-world ablation, from world to table."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
-def detect(argv: list[str] | None = None) -> int:
-    """``vild-detect --vocab "kite,unicycle" --input IMG``: see ``vild.detect_cli``."""
-    from .detect_cli import main
-
-    return main(argv)
-
-
-def export(argv: list[str] | None = None) -> int:
-    """``vild-export --weights model.pth --out model.onnx``: see ``vild.deploy``."""
-    from .deploy.cli import export_main
-
-    return export_main(argv)
-
-
-def embed(argv: list[str] | None = None) -> int:
-    """``vild-embed --weights model.pth --vocab "kite,unicycle" --out vocab.npz``: see ``vild.deploy``."""
-    from .deploy.cli import embed_main
-
-    return embed_main(argv)
-
-
-def serve(argv: list[str] | None = None) -> int:
-    """``vild-serve --weights model.pth``: the HTTP API and web page; see ``vild.serve.cli``."""
-    from .serve.cli import main
-
-    return main(argv)
-
-
-def train(argv: list[str] | None = None) -> int:
-    """``vild-train --config vild_r50.yaml [--eval-only] [--num-gpus N] [--train-json F ...] [KEY VALUE ...]``."""
-    from .engine.launch import main
-
-    main(argv)
-    return 0
-
-
-def precompute(argv: list[str] | None = None) -> int:
-    """``vild-precompute --config vild_r50.yaml --weights rpn.pth``: fill the CLIP proposal store."""
-    from .engine.precompute import main
-
-    main(argv)
-    return 0
-
-
-def demo(argv: list[str] | None = None, results_dir: str | None = None, picture: str | None = None) -> int:
+def main(argv: list[str] | None = None, results_dir: str | None = None, picture: str | None = None) -> int:
     """``vild-demo``: the synthetic-world ablation; table and picture go under ``--out`` unless given."""
     p = argparse.ArgumentParser(
         description="The synthetic-world demo: world -> tiny CLIP -> ViLD-text / ViLD / ensemble / oracle -> table.")
@@ -75,7 +28,7 @@ def demo(argv: list[str] | None = None, results_dir: str | None = None, picture:
                    help="teacher pretraining steps with --train-teacher (default: DemoSettings)")
     a = p.parse_args(argv)
 
-    from .synthetic.demo import DemoSettings, export_demo_model, run_demo
+    from ..synthetic.demo import DemoSettings, export_demo_model, run_demo
 
     s = DemoSettings.fast() if a.fast else DemoSettings()
     s.seed = a.seed
@@ -89,3 +42,7 @@ def demo(argv: list[str] | None = None, results_dir: str | None = None, picture:
     if a.export:
         print(f"exported {export_demo_model(a.out, a.export)}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

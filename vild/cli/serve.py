@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..detect_cli import _positive
-from .limits import Limits
+from ..serve.limits import Limits
+from .options import positive
 
 # Only the standard library at import time, so setup errors are reported before torch loads.
 
@@ -31,20 +31,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, default=None,
                    help="requests' default score threshold (default: the checkpoint's calibrated display threshold)")
     g = p.add_argument_group("batching")
-    g.add_argument("--max-batch", type=_positive, default=8, help="the most images per forward pass")
+    g.add_argument("--max-batch", type=positive, default=8, help="the most images per forward pass")
     g.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="how long a request may wait for others to share its forward pass")
-    g.add_argument("--max-queue", type=_positive, default=64, help="requests waiting; more get 503 + Retry-After")
+    g.add_argument("--max-queue", type=positive, default=64, help="requests waiting; more get 503 + Retry-After")
     g.add_argument("--timeout", type=float, default=60.0, help="seconds a request waits for its answer")
-    g.add_argument("--vocab-cache", type=_positive, default=64, help="vocabularies whose text embeddings are kept")
+    g.add_argument("--vocab-cache", type=positive, default=64, help="vocabularies whose text embeddings are kept")
     g.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     lim = p.add_argument_group("limits per request")
-    lim.add_argument("--max-bytes", type=_positive, default=d.max_bytes, help="request body size")
-    lim.add_argument("--max-pixels", type=_positive, default=d.max_pixels, help="image width x height")
-    lim.add_argument("--max-names", type=_positive, default=d.max_names,
+    lim.add_argument("--max-bytes", type=positive, default=d.max_bytes, help="request body size")
+    lim.add_argument("--max-pixels", type=positive, default=d.max_pixels, help="image width x height")
+    lim.add_argument("--max-names", type=positive, default=d.max_names,
                      help="category names per vocabulary, synonyms included (LVIS: 1203 names and more synonyms)")
-    lim.add_argument("--max-name-chars", type=_positive, default=d.max_name_chars, help="characters per name")
-    lim.add_argument("--max-detections", type=_positive, default=d.max_detections,
+    lim.add_argument("--max-name-chars", type=positive, default=d.max_name_chars, help="characters per name")
+    lim.add_argument("--max-detections", type=positive, default=d.max_detections,
                      help="detections per image: the default and the most a request may ask for")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
@@ -73,7 +73,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import uvicorn
 
     from ..api import Detector
-    from .app import create_app
+    from ..serve.app import create_app
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -104,3 +104,7 @@ def _is_loopback(host: str) -> bool:
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+if __name__ == "__main__":
+    sys.exit(main())

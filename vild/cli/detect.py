@@ -1,4 +1,4 @@
-"""``tools/detect.py``: run a trained ViLD over images, folders, globs, file lists or videos with any vocabulary."""
+"""``vild-detect``: run a trained ViLD over images, folders, globs, file lists or videos with any vocabulary."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,13 @@ import tempfile
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Optional
+from typing import IO, TYPE_CHECKING, Optional, Union
+
+from .options import positive
+
+if TYPE_CHECKING:
+    from ..api import Detector
+    from ..deploy.runner import OnnxDetector
 
 # Only the standard library at import time, so setup errors are reported before torch loads.
 
@@ -36,13 +42,6 @@ class CLIError(Exception):
     """A problem with the command line or its files, reported without a traceback."""
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
     p = argparse.ArgumentParser(description=__doc__, epilog=VOCAB_NOTE)
@@ -58,20 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, default=None,
                    help="drop detections scoring below this; default: the checkpoint's calibrated threshold, "
                         "else 0.5 (text, vild) or 0.35 (ensemble, whose novel-category scores are smaller)")
-    p.add_argument("--max-dets", type=_positive, default=100, help="detections kept per image")
+    p.add_argument("--max-dets", type=positive, default=100, help="detections kept per image")
     p.add_argument("--per-class-nms", action="store_true",
                    help="NMS per category, so that one box may carry several labels (default: one label per box)")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
                    help="onnx: --weights is a vild-export model.onnx, run by onnxruntime (see docs/deploy.md)")
-    p.add_argument("--batch-size", type=_positive, default=4, help="images per forward pass")
+    p.add_argument("--batch-size", type=positive, default=4, help="images per forward pass")
     p.add_argument("--json", action="store_true", help="also write detections.json (COCO results format)")
     p.add_argument("--coco-gt", help="with --json: take image and category ids from this COCO annotation file")
-    p.add_argument("--part-size", type=_positive, default=256,
+    p.add_argument("--part-size", type=positive, default=256,
                    help="images per resumable part (rounded up to whole batches): a re-run after a crash skips the "
                         "parts already written and redoes at most this many images per process; under torchrun "
                         "rank r takes the parts p with p %% WORLD_SIZE == r and rank 0 merges them")
-    p.add_argument("--io-threads", type=_positive, default=None,
+    p.add_argument("--io-threads", type=positive, default=None,
                    help="threads that read images ahead of the model and draw, write and encode behind it "
                         "(default: the usable cores, 3 to 8)")
     return p
@@ -85,29 +84,30 @@ def main(argv: Optional[list[str]] = None) -> int:
         images, videos = collect_inputs(args.input)
         vocab = _vocabulary(args)
         weights = Path(args.weights) if args.weights else _newest_or_fail()
-        from .api import Detector  # heavy (torch, CLIP): after the cheap checks
+        from ..api import Detector  # heavy (torch, CLIP): after the cheap checks
         if args.backend == "onnx":
-            from .deploy.runner import OnnxDetector
+            from ..deploy.runner import OnnxDetector
             det = OnnxDetector(weights, device=args.device, vocabulary=vocab, max_dets=args.max_dets,
                                batch_size=args.batch_size)
         else:
             det = Detector.from_checkpoint(weights, device=args.device, vocabulary=vocab, max_dets=args.max_dets,
                                            batch_size=args.batch_size, per_class_nms=args.per_class_nms)
         det.score_thresh = args.score_thresh if args.score_thresh is not None else det.display_score_thresh
-        ids = _IdMapper(args.coco_gt, det.names) if args.json else None
+        ids = IdMapper(args.coco_gt, det.names) if args.json else None
     except (CLIError, OSError, ValueError, RuntimeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .detect_parts import PartStore, world  # imports torch: after the cheap checks, like the Detector
+    from ..detect_parts import PartStore, world  # imports torch: after the cheap checks, like the Detector
     rank, _ = world()
     if rank == 0:
         print(f"model {weights} ({det.variant}) on {det.device}; {len(det.names)} categories "
               f"({sum(det.base_mask)} base); score threshold {det.score_thresh:g}"
               f"{'' if det.has_masks else '; boxes only (a model trained without masks)'}", file=sys.stderr)
-    from .utils.atomic import atomic_open
-    run = _Run(det, out_dir, ids, taken={p.resolve() for p in images + videos}, io_threads=args.io_threads)
+    from ..utils.atomic import atomic_open
+    run = DetectionRun(det, out_dir, ids, taken={p.resolve() for p in images + videos},
+                       io_threads=args.io_threads)
     part_size = -(-args.part_size // det.batch_size) * det.batch_size
-    store = PartStore(out_dir, _settings(args, det, weights, images, part_size), len(images), part_size)
+    store = PartStore(out_dir, run_settings(args, det, weights, images, part_size), len(images), part_size)
     run.images(images, store)  # this process's share of the parts (all of them without torchrun)
     if rank != 0:
         return 0  # rank 0 merges and reports this rank's results and failures
@@ -124,7 +124,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 1 if run.failures else 0
 
 
-def _settings(args: argparse.Namespace, det, weights: Path, images: list[Path], part_size: int) -> dict:
+def run_settings(args: argparse.Namespace, det: Union[Detector, OnnxDetector], weights: Path, images: list[Path],
+                 part_size: int) -> dict:
     """What a run's results depend on: a re-run resumes only a run with the same."""
     def file_id(path) -> Optional[list]:
         if not path:
@@ -194,15 +195,15 @@ def _newest_or_fail() -> Path:
 
 def _vocabulary(args: argparse.Namespace) -> Optional[list]:
     # typed names are lenient: a repeat ("star,Star") is dropped with a warning, as the Detector does for a string
-    from .api import _dedupe_case_insensitive
+    from ..api import _dedupe_case_insensitive
     if args.vocab is not None:
-        from .teacher.vocabulary import parse_vocabulary
+        from ..teacher.vocabulary import parse_vocabulary
         return _dedupe_case_insensitive(parse_vocabulary(args.vocab))
     if args.vocab_file:
-        from .teacher.vocabulary import load_vocabulary_file
+        from ..teacher.vocabulary import load_vocabulary_file
         return _dedupe_case_insensitive(load_vocabulary_file(args.vocab_file))
     if args.vocab_preset:
-        from .vocab_presets import get_preset
+        from ..vocab_presets import get_preset
         return get_preset(args.vocab_preset)
     return None  # the checkpoint's training vocabulary
 
@@ -219,7 +220,7 @@ def _writable_folder(path: Path) -> Path:
 
 
 # ---- ids for COCO results -----------------------------------------------------------------------
-class _IdMapper:
+class IdMapper:
     """Image and category ids: from a COCO ground-truth file, else input order and vocabulary order (from 1)."""
 
     def __init__(self, gt_path: Optional[str], names: list[str]):
@@ -228,7 +229,7 @@ class _IdMapper:
         self.category_ids = list(range(1, len(names) + 1))
         if not gt_path:
             return
-        from .api import _key
+        from ..api import _key
         gt = json.loads(Path(gt_path).read_text())
         # LVIS images name their file only in coco_url
         self.by_file = {Path(im.get("file_name") or im.get("coco_url", "")).name: im["id"] for im in gt["images"]}
@@ -255,7 +256,7 @@ def _usable_cores() -> int:
 
 def _read(path: Path):
     """The image, or the ImageReadError that says why it cannot be read (runs on an I/O thread)."""
-    from .io import ImageReadError, read_image
+    from ..io import ImageReadError, read_image
     try:
         return read_image(path)
     except ImageReadError as e:
@@ -272,10 +273,11 @@ class _PartTally:
         self.lines: list[str] = []  # the detections' JSON
 
 
-class _Run:
+class DetectionRun:
     """Feeds batches to the detector, writes outputs, and keeps the tallies for the summary."""
 
-    def __init__(self, det, out_dir: Path, ids: Optional[_IdMapper], taken: set, io_threads: Optional[int] = None):
+    def __init__(self, det: Union[Detector, OnnxDetector], out_dir: Path, ids: Optional[IdMapper], taken: set,
+                 io_threads: Optional[int] = None):
         """``io_threads``: threads reading ahead of the model and writing behind it (default from the cores)."""
         self.det, self.out_dir, self.ids, self.taken = det, out_dir, ids, set(taken)
         self.failures: list[tuple[Path, str]] = []
@@ -310,7 +312,7 @@ class _Run:
         """
         from tqdm import tqdm
 
-        from .detect_parts import world
+        from ..detect_parts import world
         rank, world_size = world()
         self.next_id = len(paths) + 1  # an image's id is its position + 1 (unreadable files use up an id too)
         out = [self._out_path(p, p.suffix if p.suffix.lower() in _KEEP_SUFFIXES else ".png") for p in paths]
@@ -491,5 +493,5 @@ class _Run:
         return line
 
 
-if __name__ == "__main__":  # torchrun -m vild.detect_cli ...
+if __name__ == "__main__":  # torchrun -m vild.cli.detect ...
     sys.exit(main())
