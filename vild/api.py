@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +16,8 @@ from .config import CfgNode
 from .engine.checkpoint import ModelCheckpoint
 from .engine.distributed import resolve_device
 from .io import to_image_tensor
-from .teacher import CLIPTeacher, clean_name, parse_vocabulary
-from .teacher.vocabulary import VocabLike
+from .teacher import CLIPTeacher, parse_vocabulary
+from .teacher.vocabulary import VocabLike, dedupe_case_insensitive, name_key
 
 # Scoring shown to people (see DetectionSettings); the evaluation keeps the config's. The geometric mean
 # with the RPN's objectness keeps regions that are no object (clutter, parts of objects) low for any name;
@@ -151,14 +150,14 @@ class Detector:
         self.display_score_thresh = default_score_thresh(cfg.MODEL.VILD.VARIANT)
         # the training names' text embeddings (hidden competitors): embedded on first use unless given
         self._training_embeddings = training_embeddings
-        self._train_keys = {_key(s) for syns in self.training_vocabulary for s in syns}
+        self._train_keys = {name_key(s) for syns in self.training_vocabulary for s in syns}
         self.text_cache_size = int(text_cache_size)
         self._emb_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._vocab: list[list[str]] = []
         self._base_mask: list[bool] = []
         if vocabulary is not None or self.training_vocabulary:
             self.set_vocabulary(vocabulary if vocabulary is not None
-                                else _dedupe_case_insensitive(self.training_vocabulary))
+                                else dedupe_case_insensitive(self.training_vocabulary))
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
@@ -215,12 +214,12 @@ class Detector:
         if not isinstance(vocabulary, str):
             # a list's positions are label indices the caller may map to ids: never drop or merge an entry
             vocab = parse_vocabulary(vocabulary, dedupe=False)
-            keys = [_key(syns[0]) for syns in vocab]
+            keys = [name_key(syns[0]) for syns in vocab]
             if len(vocab) != len(vocabulary) or len(set(keys)) != len(keys):
                 raise ValueError("every vocabulary entry needs a distinct, non-blank name (a blank or repeated "
                                  "entry would shift label indices); for a lenient parse pass one string")
         else:
-            vocab = _dedupe_case_insensitive(parse_vocabulary(vocabulary))
+            vocab = dedupe_case_insensitive(parse_vocabulary(vocabulary))
         key = json.dumps(vocab)
         emb = self._emb_cache.get(key)
         if emb is None:
@@ -229,7 +228,7 @@ class Detector:
         self._emb_cache.move_to_end(key)
         while len(self._emb_cache) > max(1, self.text_cache_size):
             self._emb_cache.popitem(last=False)
-        base = [any(_key(s) in self._train_keys for s in syns) for syns in vocab]
+        base = [any(name_key(s) in self._train_keys for s in syns) for syns in vocab]
         reference = self._reference_embeddings(vocab)
         self.model.set_vocabulary(emb.to(self.device), torch.tensor(base, dtype=torch.bool),
                                   None if reference is None else reference.to(self.device))
@@ -239,8 +238,8 @@ class Detector:
         """Text embeddings of the training categories the vocabulary does not name (hidden competitors)."""
         if not self.reference_vocabulary or not self.training_vocabulary:
             return None
-        named = {_key(s) for syns in vocab for s in syns}
-        rows = [i for i, syns in enumerate(self.training_vocabulary) if not any(_key(s) in named for s in syns)]
+        named = {name_key(s) for syns in vocab for s in syns}
+        rows = [i for i, syns in enumerate(self.training_vocabulary) if not any(name_key(s) in named for s in syns)]
         if not rows:
             return None
         if self._training_embeddings is None:
@@ -300,23 +299,6 @@ class Detector:
             results.append(DetectionResult(out["boxes"].float().cpu(), out["scores"].float().cpu(),
                                            labels, masks, [names[int(k)] for k in labels], im.cpu(), names, src))
         return results
-
-
-def _key(name: str) -> str:
-    return clean_name(name).lower()
-
-
-def _dedupe_case_insensitive(vocab: list[list[str]]) -> list[list[str]]:
-    """parse_vocabulary removes exact repeats; "Cat" and "cat" embed the same, so drop those too."""
-    seen: set[str] = set()
-    out = []
-    for syns in vocab:
-        if _key(syns[0]) in seen:
-            warnings.warn(f"duplicate category {syns[0]!r} in vocabulary: keeping the first", stacklevel=3)
-            continue
-        seen.add(_key(syns[0]))
-        out.append(syns)
-    return out
 
 
 def _resolve_teacher_weights(pretrained: str, checkpoint_dir: Path, sha256: Optional[str] = None) -> str:

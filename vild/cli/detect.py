@@ -195,13 +195,11 @@ def _newest_or_fail() -> Path:
 
 def _vocabulary(args: argparse.Namespace) -> Optional[list]:
     # typed names are lenient: a repeat ("star,Star") is dropped with a warning, as the Detector does for a string
-    from ..api import _dedupe_case_insensitive
+    from ..teacher.vocabulary import dedupe_case_insensitive, load_vocabulary_file, parse_vocabulary
     if args.vocab is not None:
-        from ..teacher.vocabulary import parse_vocabulary
-        return _dedupe_case_insensitive(parse_vocabulary(args.vocab))
+        return dedupe_case_insensitive(parse_vocabulary(args.vocab))
     if args.vocab_file:
-        from ..teacher.vocabulary import load_vocabulary_file
-        return _dedupe_case_insensitive(load_vocabulary_file(args.vocab_file))
+        return dedupe_case_insensitive(load_vocabulary_file(args.vocab_file))
     if args.vocab_preset:
         from ..vocab_presets import get_preset
         return get_preset(args.vocab_preset)
@@ -229,15 +227,15 @@ class IdMapper:
         self.category_ids = list(range(1, len(names) + 1))
         if not gt_path:
             return
-        from ..api import _key
+        from ..teacher.vocabulary import name_key
         gt = json.loads(Path(gt_path).read_text())
         # LVIS images name their file only in coco_url
         self.by_file = {Path(im.get("file_name") or im.get("coco_url", "")).name: im["id"] for im in gt["images"]}
-        cats = {_key(c["name"]): c["id"] for c in gt["categories"]}
-        missing = [n for n in names if _key(n) not in cats]
+        cats = {name_key(c["name"]): c["id"] for c in gt["categories"]}
+        missing = [n for n in names if name_key(n) not in cats]
         if missing:
             raise CLIError(f"categories not in {gt_path}: {missing[:10]}; use the ground truth's names")
-        self.category_ids = [cats[_key(n)] for n in names]
+        self.category_ids = [cats[name_key(n)] for n in names]
 
     def image_id(self, path: Path, fallback: int) -> Optional[int]:
         """The ground truth's id for this file (None if absent), or ``fallback`` without ground truth."""

@@ -56,3 +56,22 @@ def clean_name(name: str) -> str:
     name = name.replace("_", " ").replace("/", " or ")
     name = re.sub(r"[()]", " ", name)
     return " ".join(name.split())
+
+
+def name_key(name: str) -> str:
+    """The form under which two names are the same category: cleaned and lower-cased ("Teddy_bear" = "teddy bear")."""
+    return clean_name(name).lower()
+
+
+def dedupe_case_insensitive(vocab: list[list[str]]) -> list[list[str]]:
+    """Drop categories whose first name repeats an earlier one's up to case ("Cat" and "cat" embed the same),
+    keeping the first, with a warning (``parse_vocabulary`` removes exact repeats only)."""
+    seen: set[str] = set()
+    out = []
+    for syns in vocab:
+        if name_key(syns[0]) in seen:
+            warnings.warn(f"duplicate category {syns[0]!r} in vocabulary: keeping the first", stacklevel=3)
+            continue
+        seen.add(name_key(syns[0]))
+        out.append(syns)
+    return out
