@@ -5,7 +5,8 @@ import torch
 
 from vild.engine.checkpoint import load_checkpoint
 from vild import Detector
-from vild.synthetic.demo import VARIANTS, DemoSettings, export_demo_model, run_demo
+from vild.synthetic.demo import (SHIPPED_TEACHER, SHIPPED_TEACHER_KEY, VARIANTS, DemoSettings, export_demo_model,
+                                 make_teacher, make_world, run_demo)
 
 
 def test_fast_demo_runs_every_stage(tmp_path):
@@ -37,3 +38,15 @@ def test_fast_demo_runs_every_stage(tmp_path):
     img = str(next((out / "world" / "images" / "val").glob("*.png")))
     a = Detector.from_checkpoint(exported, device="cpu", score_thresh=0.0)(img)
     assert len(a.boxes) > 0 and a.masks.shape[0] == len(a.boxes)
+
+
+def test_demo_starts_from_the_shipped_teacher_and_reuses_it(tmp_path):
+    s = DemoSettings.fast()
+    s.train_teacher = False
+    world = make_world(tmp_path, s)
+    path, metrics = make_teacher(tmp_path, s, world)
+    assert path.read_bytes() == SHIPPED_TEACHER.read_bytes()
+    assert metrics["train"] == {"shipped": SHIPPED_TEACHER_KEY}
+    assert 0.0 <= metrics["zero_shot_val_boxes"]["all"] <= 1.0 and metrics["zero_shot_val_boxes"]["n"] > 0
+    stamp = path.stat().st_mtime_ns
+    assert make_teacher(tmp_path, s, world) == (path, metrics) and path.stat().st_mtime_ns == stamp

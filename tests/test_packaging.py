@@ -93,6 +93,7 @@ def test_wheel_ships_configs_data_and_console_scripts(installed):
     assert shipped and shipped <= names, f"configs missing from the wheel: {sorted(shipped - names)}"
     assert "vild/data/lvis_v1_names.txt" in names
     assert "vild/teacher/model_configs/vild-tiny-clip.json" in names
+    assert "vild/synthetic/pretrained/vild-tiny-clip.pt" in names  # vild-demo's shipped teacher
     assert {f"vild/serve/static/{f}" for f in ("index.html", "app.js", "style.css")} <= names  # the page
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(installed["wheel"]).read(entry_points).decode()
