@@ -6,7 +6,7 @@ import torch
 from vild.engine.checkpoint import load_checkpoint
 from vild import Detector
 from vild.synthetic.demo import (SHIPPED_TEACHER, SHIPPED_TEACHER_KEY, VARIANTS, DemoSettings, export_demo_model,
-                                 make_teacher, make_world, run_demo)
+                                 export_backbone, make_teacher, make_world, run_demo)
 
 
 def test_fast_demo_runs_every_stage(tmp_path):
@@ -29,6 +29,12 @@ def test_fast_demo_runs_every_stage(tmp_path):
     again = run_demo(out, DemoSettings.fast(), results_dir=results)
     assert again["rows"] == summary["rows"] and again["seconds"]["total"] < summary["seconds"]["total"]
 
+    # a trained detector's backbone body is what a new detector starts from
+    body = export_backbone(out / "vild_text" / "model_final.pth", tmp_path / "body.pt")
+    trained = load_checkpoint(out / "vild_text" / "model_final.pth")["model"]
+    assert {f"backbone.body.{k}" for k in torch.load(body, weights_only=True)} == \
+        {k for k in trained if k.startswith("backbone.body.")}
+
     # the exported model (weights-only, fp16) loads from its own folder alone and detects like the original
     exported = export_demo_model(out, tmp_path / "export")
     ckpt = load_checkpoint(exported)
@@ -50,3 +56,13 @@ def test_demo_starts_from_the_shipped_teacher_and_reuses_it(tmp_path):
     assert 0.0 <= metrics["zero_shot_val_boxes"]["all"] <= 1.0 and metrics["zero_shot_val_boxes"]["n"] > 0
     stamp = path.stat().st_mtime_ns
     assert make_teacher(tmp_path, s, world) == (path, metrics) and path.stat().st_mtime_ns == stamp
+
+
+def test_a_demo_folder_refuses_a_run_of_other_settings(tmp_path):
+    import pytest
+
+    from vild.synthetic.demo import _check_settings
+    _check_settings(tmp_path, DemoSettings.fast())
+    _check_settings(tmp_path, DemoSettings.fast())  # the same settings reuse the folder
+    with pytest.raises(ValueError, match="--recompute"):
+        _check_settings(tmp_path, DemoSettings.full())

@@ -387,6 +387,29 @@ def test_frozen_stages_keep_their_batchnorm_statistics(tmp_path):
     assert again.state_dict().keys() == net.state_dict().keys()
 
 
+def test_tiny_backbone_starts_from_weights_that_fit_and_names_those_that_do_not(tmp_path):
+    from vild.config import load_config
+    from vild.modeling.backbone import TinyCNN, build_backbone
+    from vild.synthetic.demo import SHIPPED_BACKBONE
+    cfg = load_config("synthetic/demo_base.yaml")
+    torch.manual_seed(0)
+    source = TinyCNN(cfg.MODEL.BACKBONE.TINY_WIDTH)
+    torch.save(source.state_dict(), tmp_path / "tiny.pt")
+    cfg.MODEL.BACKBONE.PRETRAINED = str(tmp_path / "tiny.pt")
+    body = build_backbone(cfg).body.state_dict()
+    assert all(torch.equal(body[k], v) for k, v in source.state_dict().items())
+    assert not all(torch.equal(v, build_backbone(load_config("synthetic/demo_base.yaml")).body.state_dict()[k])
+                   for k, v in body.items() if v.is_floating_point())  # random init differs
+    cfg.MODEL.BACKBONE.PRETRAINED = str(SHIPPED_BACKBONE)  # the demo's shipped weights fit its config
+    build_backbone(cfg)
+    cfg.MODEL.BACKBONE.TINY_WIDTH = 16
+    with pytest.raises(ValueError, match="TINY_WIDTH 16"):
+        build_backbone(cfg)
+    cfg.MODEL.BACKBONE.PRETRAINED = str(tmp_path / "missing.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        build_backbone(cfg)
+
+
 def test_classifier_logits_are_fp32_under_bf16_autocast():
     """×100 logits in bf16 come in steps of 0.25: enough to reorder near-tied classes."""
     from vild.modeling.classifier import TextClassifier

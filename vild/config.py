@@ -133,7 +133,7 @@ _DEFAULTS: dict = {
             "NAME": "resnet50",  # resnet18/34/50/101/152, or "tiny" (a small CNN for tests and the demo)
             "NORM": "SyncBN",  # SyncBN | BN | FrozenBN (FrozenBN needs PRETRAINED weights)
             "TRAINABLE_LAYERS": 3,
-            "PRETRAINED": "",  # torchvision ResNet state-dict file; "" = random init
+            "PRETRAINED": "",  # backbone weights file (a torchvision ResNet state dict, or a TinyCNN one); "" = random init
             "OUT_CHANNELS": 256,
             "TINY_WIDTH": 32,
             "RETURNED_LAYERS": [1, 2, 3, 4],  # ResNet stages feeding the FPN (1..4 -> P2..P5) + P6 by max-pool

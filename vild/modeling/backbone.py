@@ -61,6 +61,8 @@ def build_backbone(cfg: CfgNode, load_pretrained: bool = True) -> BackboneWithFP
     returned = list(bcfg.RETURNED_LAYERS)
     if bcfg.NAME == "tiny":
         body = TinyCNN(bcfg.TINY_WIDTH, norm)
+        if bcfg.PRETRAINED and load_pretrained:
+            load_tiny_weights(body, bcfg.PRETRAINED)
         return_layers = {f"layer{k}": str(i) for i, k in enumerate(returned)}
         in_channels = [body.channels[k - 1] for k in returned]
         return BackboneWithFPN(body, return_layers, in_channels, bcfg.OUT_CHANNELS, extra_blocks=LastLevelMaxPool())
@@ -113,6 +115,19 @@ def freeze_batchnorm(module: nn.Module) -> None:
             setattr(module, name, frozen)
         else:
             freeze_batchnorm(child)
+
+
+def load_tiny_weights(body: TinyCNN, path: str) -> None:
+    """Load a ``TinyCNN``'s weights (a state dict with its keys: ``stem.*``, ``layer1.*`` …); every tensor must fit."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"backbone weights {p} not found: set MODEL.BACKBONE.PRETRAINED to a TinyCNN "
+                                f"state-dict file, or to '' for random init")
+    try:
+        body.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
+    except RuntimeError as e:
+        raise ValueError(f"backbone weights {p} do not fit MODEL.BACKBONE.NAME tiny with TINY_WIDTH "
+                         f"{body.channels[0]}: {str(e).splitlines()[0]}") from None
 
 
 def load_resnet_weights(net: nn.Module, path: str) -> None:

@@ -5,6 +5,10 @@ JSON and read by ``vild.data``; the tiny teacher is an open_clip model loaded by
 ``vild.teacher``; the proposal store is written by ``vild.engine.precompute`` from the RPN of the
 ViLD-text model (trained on base categories only); each detector is trained and evaluated by
 ``vild.engine.Trainer`` with the official ``lvis`` and ``pycocotools`` evaluators.
+
+The teacher and the detectors' backbone start from shipped weights, the demo's stand-ins for the CLIP and
+ImageNet weights a real run downloads: ``DemoSettings.full()`` (``vild-demo --full``) makes both anew and trains
+the detectors from random init, which is how the shipped files were made.
 Each stage's output is cached under the output folder; ``recompute=True`` starts afresh.
 """
 from __future__ import annotations
@@ -28,6 +32,8 @@ logger = logging.getLogger("vild")
 
 SHIPPED_TEACHER = Path(__file__).parent / "pretrained" / "vild-tiny-clip.pt"
 SHIPPED_TEACHER_KEY = {"seed": 0, "steps": 1000, "batch": 128, "weights": "fp16"}
+# the demo's stand-in for ImageNet weights: the TinyCNN body of the full demo's ViLD-text (base boxes only)
+SHIPPED_BACKBONE = Path(__file__).parent / "pretrained" / "tiny-backbone.pt"
 
 VARIANTS = {  # name → (MODEL.VILD.VARIANT, training split, uses the proposal store)
     "ViLD-text": ("text", "lvis", False),
@@ -47,22 +53,33 @@ class DemoSettings:
     image_size: int = 128
     teacher_steps: int = 1000
     teacher_batch: int = 128
-    detector_iters: int = 1000
+    detector_iters: int = 400  # from the shipped backbone; 1000 from random init (full())
     detector_batch: int = 6  # images per training step
     max_proposals: int = 50
     workers: int = 2  # detectors trained side by side, one thread each
     train_teacher: bool = False  # pretrain the teacher here instead of using the shipped one
+    pretrained_backbone: bool = True  # detectors start from SHIPPED_BACKBONE instead of random init
 
     @classmethod
     def full(cls) -> "DemoSettings":
-        """Every stage from nothing: the teacher pretrained here too (``vild-demo --train-teacher``)."""
-        return cls(train_teacher=True)
+        """Every stage from nothing (``vild-demo --full``): the teacher pretrained here, the detectors from random
+        init on the longer schedule. This is how the shipped teacher and backbone were made."""
+        return cls(train_teacher=True, pretrained_backbone=False, detector_iters=1000)
 
     @classmethod
     def fast(cls) -> "DemoSettings":
         """A few images and steps: every stage runs and writes its outputs."""
         return cls(num_train=16, num_val=6, teacher_steps=4, teacher_batch=32, detector_iters=4, max_proposals=10,
                    workers=1, train_teacher=True)
+
+
+def _check_settings(out: Path, s: DemoSettings) -> None:
+    """Cached stages are reused only by a run of the same settings: refuse a folder that holds another's."""
+    marker, settings = out / "demo_settings.json", asdict(s)
+    if marker.is_file() and json.loads(marker.read_text()) != settings:
+        raise ValueError(f"{out} holds a demo run with other settings ({marker}): pass --recompute to start it "
+                         f"afresh, or another --out")
+    marker.write_text(json.dumps(settings, indent=1))
 
 
 def _timed(stages: dict, name: str):
@@ -139,6 +156,7 @@ def demo_config(out: Path, s: DemoSettings, world: dict, teacher: Path, variant:
     cfg.DATASETS.PROPOSAL_STORE = str(store) if store else ""
     cfg.MODEL.VILD.VARIANT = variant
     cfg.MODEL.VILD.NUM_DISTILL_PROPOSALS = s.max_proposals
+    cfg.MODEL.BACKBONE.PRETRAINED = str(SHIPPED_BACKBONE) if s.pretrained_backbone else ""
     cfg.TEACHER.PRETRAINED = str(teacher)
     cfg.TEACHER.CACHE_DIR = str(out / "cache")
     cfg.SOLVER.MAX_ITER = s.detector_iters
@@ -263,6 +281,24 @@ def ablation_checks(rows: dict, teacher_zs: dict) -> dict:
     }
 
 
+def export_backbone(weights: str | Path, dest: str | Path) -> Path:
+    """Write the TinyCNN body of a trained demo detector as a backbone weights file (``MODEL.BACKBONE.PRETRAINED``).
+
+    ``SHIPPED_BACKBONE`` is the body of ``vild-demo --full``'s ViLD-text: ``export_backbone(
+    "output/demo_full/vild_text/model_final.pth", SHIPPED_BACKBONE)``.
+    """
+    from ..engine.checkpoint import load_checkpoint
+    from ..utils.atomic import atomic_save
+    prefix = "backbone.body."
+    state = {k[len(prefix):]: v.float() if v.is_floating_point() else v
+             for k, v in load_checkpoint(weights)["model"].items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{weights} holds no backbone.body.* weights: pass a trained demo detector's checkpoint")
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(state, str(dest))
+    return Path(dest)
+
+
 def export_demo_model(out: str | Path, dest: str | Path, variant_folder: str = "vild") -> Path:
     """Copy a trained demo detector (weights-only, fp16) and its teacher into ``dest``, loadable from there alone.
 
@@ -290,6 +326,7 @@ def run_demo(out: str | Path = "output/demo", settings: DemoSettings | None = No
     if recompute and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    _check_settings(out, s)
     setup_logger(out)
     if threads:
         torch.set_num_threads(threads)
