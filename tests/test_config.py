@@ -74,7 +74,8 @@ def test_every_shipped_config_loads_and_builds_its_model(path):
 @pytest.mark.parametrize("variant,name", [("ViLD-text", "vild_text"), ("ViLD", "vild"), ("ViLD-ensemble", "vild_ensemble"),
                                           ("oracle (all categories)", "oracle")])
 def test_demo_detectors_ship_as_configs(variant, name):
-    """configs/synthetic/NAME.yaml is the config the demo builds in code, apart from where outputs go."""
+    """configs/synthetic/NAME.yaml is the config the full demo (vild-demo --full) builds in code, apart from where
+    outputs go."""
     from pathlib import Path
 
     from vild.synthetic.demo import VARIANTS, DemoSettings, demo_config
@@ -82,7 +83,7 @@ def test_demo_detectors_ship_as_configs(variant, name):
     world = {f"{k}_{s}": str(out / "world" / (f"lvis_{s}.json" if k == "lvis" else f"images/{s}"))
              for k in ("lvis", "images") for s in ("train", "val")}
     kind, split, distills = VARIANTS[variant]
-    demo = demo_config(out, DemoSettings(), world, out / "teacher" / "vild-tiny-clip.pt", kind, split,
+    demo = demo_config(out, DemoSettings.full(), world, out / "teacher" / "vild-tiny-clip.pt", kind, split,
                        out / "clip_proposals" if distills else None).to_dict()
     shipped = load_config(f"synthetic/{name}.yaml").to_dict()
     for d in (demo, shipped):  # where outputs and caches go
