@@ -76,7 +76,7 @@ def test_benchmark_smoke_writes_wellformed_json(tmp_path):
     assert tr["vild"]["gflop_per_step"] > 0 and tr["torchvision"]["gflop_per_step"] > 0
     assert tr["flops"]["ratio_at_equal_flop_rate"] == pytest.approx(
         tr["torchvision"]["gflop_per_step"] / tr["vild"]["gflop_per_step"], rel=0.01)
-    assert isinstance(tr["target"]["met"], bool)
+    assert tr["target"] is None  # on the CPU the FLOP figures are read, the step rate has no target
 
     pc = figs["precompute"]
     assert _finite(pc["writer"]["images_per_s"]) and _finite(pc["encode_image"]["images_per_s"])
@@ -86,7 +86,7 @@ def test_benchmark_smoke_writes_wellformed_json(tmp_path):
     assert _finite(voc["cold"]["seconds"]) and _finite(voc["cached_1203"]["seconds_median"])
     assert _finite(voc["set_vocabulary"]["seconds_median"])
 
-    assert {t["figure"] for t in res["targets"]} >= {"inference", "training", "precompute"}
+    assert {t["figure"] for t in res["targets"]} >= {"inference", "precompute"}
 
 
 def test_the_gpu_test_module_imports_here():
