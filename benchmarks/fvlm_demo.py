@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=None, help="detectors trained side by side (default: the demo's)")
     p.add_argument("--fvlm-folder", default=FOLDERS["F-VLM"], help="F-VLM's folder under --out-dir (one per try)")
     a = p.parse_args(argv)
-    s = DemoSettings.fast() if a.fast else DemoSettings()
+    s = DemoSettings.fast() if a.fast else DemoSettings.full()  # every detector from random init, as F-VLM
     if a.workers is not None:
         s.workers = a.workers
     only = [r.strip() for r in a.only.split(",") if r.strip()]

@@ -66,3 +66,8 @@ def test_a_demo_folder_refuses_a_run_of_other_settings(tmp_path):
     _check_settings(tmp_path, DemoSettings.fast())  # the same settings reuse the folder
     with pytest.raises(ValueError, match="--recompute"):
         _check_settings(tmp_path, DemoSettings.full())
+    older = tmp_path / "older"  # trained detectors but no record of their settings
+    (older / "vild").mkdir(parents=True)
+    (older / "vild" / "model_final.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match="unknown settings"):
+        _check_settings(older, DemoSettings())

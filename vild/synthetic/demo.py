@@ -30,6 +30,8 @@ from ..engine.logger import setup_logger
 
 logger = logging.getLogger("vild")
 
+FOLDERS = {"ViLD-text": "vild_text", "ViLD": "vild", "ViLD-ensemble": "vild_ensemble",
+           "oracle (all categories)": "oracle"}  # variant -> its folder under the output folder
 SHIPPED_TEACHER = Path(__file__).parent / "pretrained" / "vild-tiny-clip.pt"
 SHIPPED_TEACHER_KEY = {"seed": 0, "steps": 1000, "batch": 128, "weights": "fp16"}
 # the demo's stand-in for ImageNet weights: the TinyCNN body of the full demo's ViLD-text (base boxes only)
@@ -76,8 +78,10 @@ class DemoSettings:
 def _check_settings(out: Path, s: DemoSettings) -> None:
     """Cached stages are reused only by a run of the same settings: refuse a folder that holds another's."""
     marker, settings = out / "demo_settings.json", asdict(s)
-    if marker.is_file() and json.loads(marker.read_text()) != settings:
-        raise ValueError(f"{out} holds a demo run with other settings ({marker}): pass --recompute to start it "
+    known = json.loads(marker.read_text()) if marker.is_file() else None
+    trained = any((out / folder / "model_final.pth").is_file() for folder in FOLDERS.values())
+    if (known is not None and known != settings) or (known is None and trained):
+        raise ValueError(f"{out} holds a demo run with other or unknown settings: pass --recompute to start it "
                          f"afresh, or another --out")
     marker.write_text(json.dumps(settings, indent=1))
 
@@ -337,8 +341,7 @@ def run_demo(out: str | Path = "output/demo", settings: DemoSettings | None = No
         teacher, tmetrics = make_teacher(out, s, world)
     zs = tmetrics["zero_shot_val_boxes"]
     logger.info("teacher zero-shot on val boxes: base %.1f %%, novel %.1f %%", 100 * zs["base"], 100 * zs["novel"])
-    folders = {"ViLD-text": "vild_text", "ViLD": "vild", "ViLD-ensemble": "vild_ensemble",
-               "oracle (all categories)": "oracle"}
+    folders = FOLDERS
 
     def job(name: str, store: Path | None) -> tuple[CfgNode, Path]:
         variant, split, distills = VARIANTS[name]
