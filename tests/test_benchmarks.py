@@ -27,15 +27,20 @@ def _left_behind(env: dict) -> list[str]:
     return [p.name for p in Path(env["TMPDIR"]).iterdir() if not p.name.startswith("torchinductor_")]
 
 
+def _run_benchmark(script: str, args: list, out: Path, env: dict, tail: int = 2000) -> dict:
+    """``python benchmarks/SCRIPT ARGS --out OUT`` from the checkout; the JSON it wrote (its output on failure)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, args), "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-tail:] + proc.stderr[-tail:]
+    return json.loads(out.read_text())
+
+
 def test_benchmark_smoke_writes_wellformed_json(tmp_path):
     out = tmp_path / "smoke.json"
     env = _scratch_env(tmp_path)
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = _run_benchmark("run.py", ["--smoke"], out, env, tail=3000)
     # its stores, JPEGs and embedding caches are removed at the end: repeated runs do not fill the disk
     assert not _left_behind(env)
-    res = json.loads(out.read_text())
 
     m = res["machine"]
     for key in ("cpu", "cpu_cores", "torch", "torchvision", "open_clip"):
@@ -110,43 +115,22 @@ def test_side_benchmarks_run_and_write_their_figures(tmp_path):
     """The side benchmarks (loader memory, folder detection, large images, photo resizing) at toy sizes."""
     out = tmp_path / "mem.json"
     env = _scratch_env(tmp_path)
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loader_memory.py"), "--images", "300",
-                           "--annotations", "3000", "--cache", str(tmp_path), "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    mem = json.loads(out.read_text())
+    mem = _run_benchmark("loader_memory.py", ["--images", 300, "--annotations", 3000, "--cache", tmp_path], out, env)
     assert mem["dataset"]["images"] > 0 and mem["dataset"]["records_mib"] > 0
     # the Python-object baseline copies pages as a worker reads it; the shared buffer does not
     assert mem["worker_growth_mib"]["python_objects_baseline"] > mem["worker_growth_mib"]["record_list"]
 
-    out = tmp_path / "detect.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "detect_folder.py"), "--images", "6",
-                           "--size", "160x120", "--batch-size", "2", "--repeats", "1", "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    det = json.loads(out.read_text())
+    det = _run_benchmark("detect_folder.py", ["--images", 6, "--size", "160x120", "--batch-size", 2, "--repeats", 1],
+                         tmp_path / "detect.json", env)
     assert set(det["images_per_s"]) == {"model_only", "serial_baseline", "serial", "pipeline"}
     assert det["host_ms_per_image"]["current"]["wall"] > 0
-    out = tmp_path / "vocab.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vocab_templates.py"), "--clip-model",
-                           "vild-test-micro", "--names", "1", "--repeats", "1", "--val-images", "3", "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    vocab = json.loads(out.read_text())
+    vocab = _run_benchmark("vocab_templates.py", ["--clip-model", "vild-test-micro", "--names", 1, "--repeats", 1,
+                                                  "--val-images", 3], tmp_path / "vocab.json", env)
     assert vocab["speed"]["rates"]["vild_threads1"]["prompts"] == vocab["speed"]["rates"]["simple_threads1"]["prompts"]
     assert set(vocab["accuracy"]["simple"]["box_ap50"]) == {"all", "base", "novel"}
-    out = tmp_path / "large.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "large_image.py"), "--size", "300x200",
-                           "--detections", "5", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    large = json.loads(out.read_text())
-    out = tmp_path / "photo.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "photo_resize.py"), "--images", "3",
-                           "--noise", "0", "--scale", "2", "--out", str(out)], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    photo = json.loads(out.read_text())
+    large = _run_benchmark("large_image.py", ["--size", "300x200", "--detections", 5], tmp_path / "large.json", env)
+    photo = _run_benchmark("photo_resize.py", ["--images", 3, "--noise", 0, "--scale", 2], tmp_path / "photo.json",
+                           env)
     assert photo["images"] == 3 and 0 <= photo["rows"][0]["filtered"]["AP"] <= 100
     assert large["vild"]["output_mib"] == large["torchvision"]["output_mib"] > 0
     assert large["mask_pixel_count_agreement"] > 0.9
@@ -157,13 +141,9 @@ def test_side_benchmarks_run_and_write_their_figures(tmp_path):
 def test_onnx_speed_benchmark_runs(tmp_path):
     """benchmarks/onnx_speed.py on the demo model at a toy size (the R50 figure costs a minute: not here)."""
     pytest.importorskip("onnxruntime", reason="install the [onnx] extra")
-    out = tmp_path / "onnx.json"
     env = _scratch_env(tmp_path)
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "onnx_speed.py"), "--only", "demo",
-                           "--demo-images", "2", "--demo-repeats", "1", "--warmup", "0", "--threads", "1",
-                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    demo = json.loads(out.read_text())["figures"]["demo"]
+    demo = _run_benchmark("onnx_speed.py", ["--only", "demo", "--demo-images", 2, "--demo-repeats", 1, "--warmup", 0,
+                                            "--threads", 1], tmp_path / "onnx.json", env)["figures"]["demo"]
     assert all(_finite(v) for v in demo["images_per_s"].values()) and demo["same_labels_on_4_images"]
     # importing onnxruntime (1.32) writes a 51-byte session-id file, .ses, into TMPDIR: one, rewritten each time
     assert not [n for n in _left_behind(env) if n != ".ses"]
@@ -172,13 +152,9 @@ def test_onnx_speed_benchmark_runs(tmp_path):
 def test_serve_load_benchmark_answers_every_request(tmp_path):
     """benchmarks/serve_load.py at toy sizes: three servers on 127.0.0.1, every request answered, nothing left."""
     pytest.importorskip("fastapi")
-    out = tmp_path / "serve.json"
     env = _scratch_env(tmp_path)
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--requests", "12",
-                           "--images", "2", "--repeats", "1", "--clients", "4", "--overload-queue", "1",
-                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    res = json.loads(out.read_text())
+    res = _run_benchmark("serve_load.py", ["--requests", 12, "--images", 2, "--repeats", 1, "--clients", 4,
+                                           "--overload-queue", 1], tmp_path / "serve.json", env)
     assert set(res["requests_per_s"]) == {"one_at_a_time", "one_at_a_time_batching", "unbatched_4", "batched_4"}
     assert all(_finite(v) for v in res["requests_per_s"].values())
     assert res["below_queue_bound"] == {"errors": 0, "lost": 0, "non_200": 0}
