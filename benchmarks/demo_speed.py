@@ -17,7 +17,6 @@ backbone (``…/tiny-backbone.pt``): the default demo starts from what ``--full`
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import sys
@@ -33,17 +32,20 @@ import torch  # noqa: E402
 from common import ROOT, log, write_result  # noqa: E402
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run the demo at both settings from scratch; write the stage times, tables and checks."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "demo_speed_cpu.json"))
     p.add_argument("--fast", action="store_true", help="both runs at smoke-test size (numbers meaningless)")
     a = p.parse_args(argv)
-    from vild.synthetic.demo import SHIPPED_BACKBONE, SHIPPED_TEACHER, DemoSettings, export_backbone, run_demo
+    from vild.synthetic.demo import (
+        SHIPPED_BACKBONE,
+        SHIPPED_TEACHER,
+        DemoSettings,
+        export_backbone,
+        run_demo,
+    )
+    from vild.teacher.clip_teacher import sha256_file
     runs = {"full": DemoSettings.full(), "default": DemoSettings()}
     if a.fast:
         runs = {"full": DemoSettings.fast(), "default": DemoSettings.fast()}
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
                              "rows": summary["rows"], "checks": summary["checks"],
                              "teacher_zero_shot": summary["teacher_zero_shot"]}
             log(f"{name}: stages {results[name]['seconds_stages']} s, checks {summary['checks']}")
-        teacher_identical = _sha256(tmp / "full" / "teacher" / "vild-tiny-clip.pt") == _sha256(SHIPPED_TEACHER)
+        made_teacher = tmp / "full" / "teacher" / "vild-tiny-clip.pt"
+        teacher_identical = sha256_file(made_teacher) == sha256_file(SHIPPED_TEACHER)
         export_backbone(tmp / "full" / "vild_text" / "model_final.pth", tmp / "backbone.pt")
         made, shipped = (torch.load(f, weights_only=True) for f in (tmp / "backbone.pt", SHIPPED_BACKBONE))
         backbone_identical = made.keys() == shipped.keys() and all(torch.equal(made[k], shipped[k]) for k in made)

@@ -117,11 +117,12 @@ def make_teacher(out: Path, s: DemoSettings, world: dict) -> tuple[Path, dict]:
     The teacher is to the demo what downloaded CLIP weights are to a real run, so by default the demo starts from
     ``SHIPPED_TEACHER`` (what ``train_teacher`` makes with ``SHIPPED_TEACHER_KEY``'s settings).
     """
+    from ..teacher.clip_teacher import sha256_file
     from .clip_pretrain import pretrain_teacher, region_zero_shot_accuracy
     path, metrics_file = out / "teacher" / "vild-tiny-clip.pt", out / "teacher" / "metrics.json"
     shipped = not s.train_teacher
     key = {"seed": s.seed, "steps": s.teacher_steps, "batch": s.teacher_batch, "weights": "fp16"}
-    key = {"shipped": _sha256(SHIPPED_TEACHER), "world_seed": s.seed} if shipped else key
+    key = {"shipped": sha256_file(SHIPPED_TEACHER), "world_seed": s.seed} if shipped else key
     if path.is_file() and metrics_file.is_file() and json.loads(metrics_file.read_text()).get("key") == key:
         return path, json.loads(metrics_file.read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,11 +138,6 @@ def make_teacher(out: Path, s: DemoSettings, world: dict) -> tuple[Path, dict]:
     metrics = {"key": key, "train": train_metrics, "zero_shot_val_boxes": zs}
     metrics_file.write_text(json.dumps(metrics, indent=1))
     return path, metrics
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def demo_config(out: Path, s: DemoSettings, world: dict, teacher: Path, variant: str, split: str,
