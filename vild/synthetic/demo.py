@@ -121,8 +121,8 @@ def make_teacher(out: Path, s: DemoSettings, world: dict) -> tuple[Path, dict]:
     from .clip_pretrain import pretrain_teacher, region_zero_shot_accuracy
     path, metrics_file = out / "teacher" / "vild-tiny-clip.pt", out / "teacher" / "metrics.json"
     shipped = not s.train_teacher
-    key = {"seed": s.seed, "steps": s.teacher_steps, "batch": s.teacher_batch, "weights": "fp16"}
-    key = {"shipped": sha256_file(SHIPPED_TEACHER), "world_seed": s.seed} if shipped else key
+    key = ({"shipped": sha256_file(SHIPPED_TEACHER), "world_seed": s.seed} if shipped else
+           {"seed": s.seed, "steps": s.teacher_steps, "batch": s.teacher_batch, "weights": "fp16"})
     if path.is_file() and metrics_file.is_file() and json.loads(metrics_file.read_text()).get("key") == key:
         return path, json.loads(metrics_file.read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -337,24 +337,23 @@ def run_demo(out: str | Path = "output/demo", settings: DemoSettings | None = No
         teacher, tmetrics = make_teacher(out, s, world)
     zs = tmetrics["zero_shot_val_boxes"]
     logger.info("teacher zero-shot on val boxes: base %.1f %%, novel %.1f %%", 100 * zs["base"], 100 * zs["novel"])
-    folders = FOLDERS
 
     def job(name: str, store: Path | None) -> tuple[CfgNode, Path]:
         variant, split, distills = VARIANTS[name]
-        return demo_config(out, s, world, teacher, variant, split, store if distills else None), out / folders[name]
+        return demo_config(out, s, world, teacher, variant, split, store if distills else None), out / FOLDERS[name]
 
     raw = {}
     with _timed(stages, "train+eval+calibrate ViLD-text and oracle"):
         raw.update(train_detectors({n: job(n, None) for n in ("ViLD-text", "oracle (all categories)")}, s.workers))
     with _timed(stages, "proposal store"):
         cfg, _ = job("ViLD", None)
-        store = make_store(out, cfg, out / folders["ViLD-text"] / "model_final.pth", s)
+        store = make_store(out, cfg, out / FOLDERS["ViLD-text"] / "model_final.pth", s)
         recall = proposal_recall(store, world)
     logger.info("stored proposals cover %.1f %% of base and %.1f %% of novel training objects (IoU 0.5)",
                 100 * recall["base"], 100 * recall["novel"])
     with _timed(stages, "train+eval+calibrate ViLD and ViLD-ensemble"):
         raw.update(train_detectors({n: job(n, store) for n in ("ViLD", "ViLD-ensemble")}, s.workers))
-    calibration = {folders[name]: raw[name].pop("calibration") for name in VARIANTS}
+    calibration = {FOLDERS[name]: raw[name].pop("calibration") for name in VARIANTS}
     rows = {name: summarize(raw[name]) for name in VARIANTS}
     total = round(time.perf_counter() - t0, 1)
     table = format_table(rows, zs)
