@@ -247,11 +247,13 @@ class Detector:
         return self._training_embeddings[rows]
 
     # ---- inference --------------------------------------------------------------------------
-    def __call__(self, images: Any, bgr: bool = False, batch_size: Optional[int] = None
+    def __call__(self, images: Any, bgr: bool = False, batch_size: Optional[int] = None, *,
+                 score_thresh: Optional[float] = None, max_dets: Optional[int] = None, masks: bool = True
                  ) -> Union[DetectionResult, list[DetectionResult]]:
         """Detect in one image (→ one result) or a list of images (→ list, one forward pass per batch).
 
         An image is a path, PIL image, numpy array (RGB, or BGR with ``bgr=True``) or uint8 tensor [3, H, W].
+        ``score_thresh``, ``max_dets`` and ``masks`` apply to this call only (see ``predict``).
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
@@ -260,7 +262,8 @@ class Detector:
         for i in range(0, len(items), bs):
             chunk = items[i:i + bs]
             sources = [str(x) if isinstance(x, (str, os.PathLike)) else None for x in chunk]
-            results += self.predict([to_image_tensor(x, bgr) for x in chunk], sources)
+            results += self.predict([to_image_tensor(x, bgr) for x in chunk], sources, score_thresh=score_thresh,
+                                    max_dets=max_dets, masks=masks)
         return results[0] if single else results
 
     @torch.no_grad()  # not inference_mode: results must stay ordinary tensors that callers may edit in place

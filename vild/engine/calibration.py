@@ -74,9 +74,7 @@ def display_threshold(detector, images: list[torch.Tensor], targets: list[tuple[
     """
     from ..evaluation.matching import MatchCounts, best_f1_threshold, match_image
     detector.set_vocabulary(names)
-    bs = max(1, detector.batch_size)
-    results = [r for i in range(0, len(images), bs)  # boxes are all the matching needs
-               for r in detector.predict(images[i:i + bs], score_thresh=0.0, masks=False)]
+    results = detector(images, score_thresh=0.0, masks=False)  # boxes are all the matching needs
     counts, matched = MatchCounts(), []
     for r, (boxes, gt_names) in zip(results, targets):
         keep = [i for i, n in enumerate(gt_names) if n in names]
