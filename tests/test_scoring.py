@@ -155,3 +155,79 @@ def test_region_mean_of_a_model_whose_heads_read_other_features_than_its_rpn():
     g = torch.Generator().manual_seed(0)
     mean = measure_region_mean(model, [(torch.rand(3, 96, 128, generator=g) * 255).to(torch.uint8)])
     assert mean.shape == (2, model.embed_dim) and mean[0].norm() > 0
+
+
+@pytest.mark.parametrize("variant", ["vild", "ensemble"])
+def test_a_subset_of_names_shows_what_all_names_show_restricted_to_it(variant):
+    """With one label per box, hidden names win regions (and suppress other labels there) like named ones:
+    asking for 3 names with 4 hidden gives the 7-name output's detections of those 3, exactly."""
+    model = tiny_model(variant).eval()
+    g = torch.Generator().manual_seed(5)
+    visible, hidden = F.normalize(torch.randn(3, DIM, generator=g), dim=-1), F.normalize(torch.randn(4, DIM, generator=g), dim=-1)
+    base = torch.tensor([True, False, False])
+    images = [(torch.rand(3, 64, 80, generator=g) * 255).to(torch.uint8) for _ in range(3)]
+    st = DetectionSettings(score_thresh=0.0, max_dets=1000, class_agnostic=True)
+    with torch.no_grad():
+        sub = model(images, settings=st, vocabulary=model.make_vocabulary(visible, base, hidden))
+        full = model(images, settings=st, vocabulary=model.make_vocabulary(
+            torch.cat([visible, hidden]), torch.cat([base, torch.ones(4, dtype=torch.bool)])))
+    hidden_won = 0
+    for s, f in zip(sub, full):
+        keep = f["labels"] < 3
+        hidden_won += int((~keep).sum())
+        assert torch.equal(s["labels"], f["labels"][keep])
+        assert torch.allclose(s["scores"], f["scores"][keep]) and torch.allclose(s["boxes"], f["boxes"][keep])
+        assert s["masks"].shape[0] == len(s["labels"])
+    assert hidden_won > 0  # the hidden names did take regions
+    # per-class NMS: hidden names only compete in the softmax, no label of theirs comes out
+    with torch.no_grad():
+        pc = model(images, settings=DetectionSettings(score_thresh=0.0, max_dets=1000),
+                   vocabulary=model.make_vocabulary(visible, base, hidden))
+    assert all(len(r["labels"]) and r["labels"].max() < 3 for r in pc)
+
+
+def test_confidence_fit_recovers_a_platt_curve_and_refuses_no_signal():
+    from vild.engine.calibration import fit_confidence
+    g = torch.Generator().manual_seed(0)
+    s = torch.exp(torch.rand(5000, generator=g) * -8)  # log-uniform over (e^-8, 1)
+    hit = torch.rand(5000, generator=g) < torch.sigmoid(0.8 * s.log() + 2.0)
+    a, b = fit_confidence(list(zip(s.tolist(), hit.tolist())))
+    assert abs(a - 0.8) < 0.1 and abs(b - 2.0) < 0.3
+    assert fit_confidence([(0.9, True), (0.1, True)]) is None  # nothing to tell apart
+    assert fit_confidence([(0.9, False), (0.1, True), (0.2, True), (0.8, False)]) is None  # decreasing: no fit
+
+
+def test_confidence_is_a_monotone_map_of_the_display_score_and_changes_no_detection():
+    from pathlib import Path
+
+    from vild import Detector
+    from vild.engine.calibration import apply_calibration, calibration_entry
+    from vild.modeling.postprocess import to_confidence
+    from vild.synthetic.world import NOVEL_NAMES
+    asset = Path(__file__).resolve().parent / "assets" / "demo_model" / "model.pth"
+    det = Detector.from_checkpoint(asset, device="cpu", confidence=False, vocabulary=list(NOVEL_NAMES))
+    g = torch.Generator().manual_seed(1)
+    images = [(torch.rand(3, 96, 128, generator=g) * 255).to(torch.uint8) for _ in range(2)]
+    raw = det(images, score_thresh=0.0, masks=False)
+    assert apply_calibration(det.model, calibration_entry(det.model.roi_heads.region_mean, 0.7, [(1.5, 2.0)] * 2))
+    det.confidence = True
+    conf = det(images, score_thresh=0.0, masks=False)
+    for r, c in zip(raw, conf):
+        assert len(r) > 0 and torch.equal(r.labels, c.labels) and torch.equal(r.boxes, c.boxes)
+        assert torch.allclose(c.scores, to_confidence(r.scores, 1.5, 2.0), atol=1e-6)
+
+
+def test_names_never_trained_on_get_their_own_confidence_fit():
+    from vild.engine.calibration import MIN_GROUP_DETECTIONS, fit_group_confidence
+    g = torch.Generator().manual_seed(2)
+
+    def group(n, a, b, names):
+        s = torch.exp(torch.rand(n, generator=g) * -8)
+        hit = torch.rand(n, generator=g) < torch.sigmoid(a * s.log() + b)
+        return [(float(v), bool(h), names[i % len(names)]) for i, (v, h) in enumerate(zip(s, hit))]
+
+    base, novel = group(4000, 0.8, 2.0, ["square", "circle"]), group(4000, 0.8, 4.0, ["star"])
+    fits = fit_group_confidence(base + novel, {"square", "circle"})
+    assert abs(fits[0][1] - 2.0) < 0.3 and abs(fits[1][1] - 4.0) < 0.4  # novel boxes are right at lower scores
+    few = fit_group_confidence(base + novel[:MIN_GROUP_DETECTIONS - 1], {"square", "circle"})
+    assert few[1] == few[0]  # too few to fit: the trained names' map

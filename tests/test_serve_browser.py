@@ -103,7 +103,8 @@ def test_upload_type_and_see_detections_drawn_and_listed(page, server, scene):
     for d in expected:
         color = np.array([int(palette[names.index(d["label"]) % len(palette)][i:i + 2], 16) for i in (1, 3, 5)])
         x, y = round(d["box"]["xmin"] * s), round((d["box"]["ymin"] + d["box"]["ymax"]) / 2 * s)
-        edge_hits += int(np.abs(drawn[y, x].astype(int) - color).max() <= 8)
+        # the stroke straddles the box's edge: any of the pixels beside it may carry the unblended colour
+        edge_hits += int(min(np.abs(drawn[y, c].astype(int) - color).max() for c in (x - 1, x, x + 1)) <= 8)
     assert edge_hits >= len(expected) / 2, f"only {edge_hits} of {len(expected)} box edges in their colour"
     masks = np.stack([mask_utils.decode({"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode()})
                       for d in expected]).any(0)

@@ -123,6 +123,8 @@ class Detector:
     as the COCO/LVIS evaluation does, so that one box may carry several labels. With
     ``reference_vocabulary`` (default) the training categories the vocabulary leaves out still compete
     for each region, hidden: a region showing one of them is not forced onto the nearest name asked for.
+    ``confidence``: show the calibrated confidences of the checkpoint's fit (default: when it has one), so that
+    a shown 0.8 means about 8 in 10 such boxes were right on held-out images (``vild.engine.calibration``).
     ``text_cache_size`` bounds the text embeddings kept in memory (least recently used vocabularies go first);
     ``training_embeddings`` [len(training_vocabulary), D] spares embedding the training names.
     """
@@ -132,7 +134,7 @@ class Detector:
                  vocabulary: Optional[VocabLike] = None, score_thresh: Optional[float] = None,
                  max_dets: Optional[int] = None, batch_size: int = 4, per_class_nms: bool = False,
                  reference_vocabulary: bool = True, objectness_weight: Optional[float] = None,
-                 centering: Optional[float] = None, text_cache_size: int = 64,
+                 centering: Optional[float] = None, confidence: Optional[bool] = None, text_cache_size: int = 64,
                  training_embeddings: Optional[torch.Tensor] = None):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -146,11 +148,13 @@ class Detector:
         self.reference_vocabulary = bool(reference_vocabulary)
         self.objectness_weight = DISPLAY_OBJECTNESS_WEIGHT if objectness_weight is None else float(objectness_weight)
         self.centering = DISPLAY_CENTERING if centering is None else float(centering)
+        # calibrated confidences are shown when the checkpoint has a fit (from_checkpoint), unless asked otherwise
+        self.confidence = confidence
         # the threshold for showing detections to people: the checkpoint's calibrated one, else the variant's
         self.display_score_thresh = default_score_thresh(cfg.MODEL.VILD.VARIANT)
         # the training names' text embeddings (hidden competitors): embedded on first use unless given
         self._training_embeddings = training_embeddings
-        self._train_keys = {name_key(s) for syns in self.training_vocabulary for s in syns}
+        self.training_keys = {name_key(s) for syns in self.training_vocabulary for s in syns}
         self.text_cache_size = int(text_cache_size)
         self._emb_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._vocab: list[list[str]] = []
@@ -179,8 +183,12 @@ class Detector:
         model = ckpt.build_model(teacher=teacher)
         det = cls(model, teacher, cfg, ckpt.data.get("vocabulary"), device=dev, **kwargs)
         calibration = ckpt.data.get("calibration") or {}
-        if "score_thresh" in calibration:
-            det.display_score_thresh = float(calibration["score_thresh"])
+        if det.confidence is None:
+            det.confidence = calibration.get("confidence") is not None
+        # with a confidence fit, "score_thresh" is a confidence and "raw_score_thresh" the same cut in raw scores
+        key = "raw_score_thresh" if not det.confidence and "raw_score_thresh" in calibration else "score_thresh"
+        if key in calibration:
+            det.display_score_thresh = float(calibration[key])
         return det
 
     # ---- vocabulary -------------------------------------------------------------------------
@@ -228,7 +236,7 @@ class Detector:
         self._emb_cache.move_to_end(key)
         while len(self._emb_cache) > max(1, self.text_cache_size):
             self._emb_cache.popitem(last=False)
-        base = [any(name_key(s) in self._train_keys for s in syns) for syns in vocab]
+        base = [any(name_key(s) in self.training_keys for s in syns) for syns in vocab]
         reference = self._reference_embeddings(vocab)
         self.model.set_vocabulary(emb.to(self.device), torch.tensor(base, dtype=torch.bool),
                                   None if reference is None else reference.to(self.device))
@@ -289,7 +297,7 @@ class Detector:
         settings = dataclasses.replace(self.model.roi_heads.test_settings, score_thresh=score_thresh,
                                        max_dets=max_dets, class_agnostic=not self.per_class_nms,
                                        objectness_weight=self.objectness_weight, centering=self.centering,
-                                       masks=masks)
+                                       confidence=bool(self.confidence), masks=masks)
         outputs = self.model([im.to(self.device) for im in images], settings=settings)
         names = self.names
         results = []

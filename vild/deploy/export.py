@@ -98,10 +98,11 @@ def export_detector(model: ViLD, path: Union[str, os.PathLike], cfg: CfgNode,
     graph = DetectorGraph(model, settings).eval()
     pre = model.preprocessor
     args = example_batch(pre.test_size, pre.size_divisibility, model.embed_dim)
-    ensemble = model.roi_heads.variant == "ensemble"
-    if ensemble:
+    # which names were trained: ViLD-ensemble weighs its heads by it, calibrated confidences pick their map by it
+    takes_base_mask = model.roi_heads.variant == "ensemble" or settings.confidence
+    if takes_base_mask:
         args = args + (torch.tensor([True, False, False]),)
-    names = list(DETECTOR_INPUTS if ensemble else DETECTOR_INPUTS[:-1])
+    names = list(DETECTOR_INPUTS if takes_base_mask else DETECTOR_INPUTS[:-1])
     outputs = [k for k in DETECTOR_OUTPUTS if k != "mask_probs" or model.roi_heads.mask_on]
     dynamic = {"images": {0: "batch", 2: "height", 3: "width"}, "image_sizes": {0: "batch"},
                "text_embeddings": {0: "categories"}, "reference_embeddings": {0: "hidden_categories"},
@@ -166,9 +167,10 @@ def export_checkpoint(weights: Union[str, os.PathLike], out: Union[str, os.PathL
     from ..api import Detector
 
     det = Detector.from_checkpoint(weights, device="cpu")
-    # the graph scores as the Detector shows detections: one label per box, objectness, centering
+    # the graph scores as the Detector shows detections: one label per box, objectness, centering, confidence
     settings = dataclasses.replace(det.model.roi_heads.test_settings, class_agnostic=not det.per_class_nms,
-                                   objectness_weight=det.objectness_weight, centering=det.centering)
+                                   objectness_weight=det.objectness_weight, centering=det.centering,
+                                   confidence=bool(det.confidence))
     training = det.teacher.encode_text(det.training_vocabulary) if det.training_vocabulary else None
     written = [export_detector(det.model, out, det.cfg, det.training_vocabulary, det.teacher.identity, settings,
                                det.display_score_thresh, training)]

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from ..modeling.postprocess import DetectionSettings
 from ..modeling.vild import ViLD
 
-# graph input and output names, in order (base_mask only for ViLD-ensemble, mask_probs only with a mask head)
+# graph input and output names, in order (base_mask only for ViLD-ensemble and calibrated confidences, mask_probs
+# only with a mask head)
 DETECTOR_INPUTS = ("images", "image_sizes", "text_embeddings", "reference_embeddings", "score_thresh", "max_dets",
                    "base_mask")
 DETECTOR_OUTPUTS = ("boxes", "scores", "labels", "batch_index", "mask_probs")
@@ -28,7 +29,8 @@ class DetectorGraph(nn.Module):
     top-left; the padding's values are ignored), ``image_sizes`` int64 [B, 2] (h, w of each image in the
     batch), ``text_embeddings`` float32 [K, D], ``reference_embeddings`` float32 [Kr, D] (hidden categories
     that compete in the softmax, Kr may be 0), ``score_thresh`` float32 [], ``max_dets`` int64 [] and, for
-    ViLD-ensemble, ``base_mask`` bool [K]. Outputs (``DETECTOR_OUTPUTS``): flat detections grouped by image.
+    ViLD-ensemble or calibrated confidences, ``base_mask`` bool [K] (True: seen in training). Outputs
+    (``DETECTOR_OUTPUTS``): flat detections grouped by image.
     """
 
     def __init__(self, model: ViLD, settings: Optional[DetectionSettings] = None):

@@ -4,13 +4,20 @@
   proposals on training images, which show what any image shows: mostly background, parts of
   objects and whole objects. ``DetectionSettings.centering`` subtracts a share of it before the
   text dot products.
-- ``score_thresh``: the display threshold with the best F1 (IoU 0.5, same category) on held-out
-  annotated images, every category named, at the scoring ``Detector`` shows people. With the training
-  names competing hidden in the softmax, scores mean the same whatever subset of names a user asks
-  for, so one threshold serves every vocabulary.
+- ``confidence`` [[a, b] for names seen in training, [a, b] for the others]: Platt scaling of the display
+  score s (``Detector``'s scoring) into a confidence σ(a · log s + b), fitted to whether each detection on
+  held-out annotated images (every category named) matched an object (IoU 0.5, same category): a shown 0.8
+  means about 8 in 10 such boxes were right. Names never trained on score lower for the same precision
+  (the text head learned them as background; ViLD-ensemble weighs its heads per group), so they get their
+  own fit when the held-out images annotate such categories (the synthetic world's novel shapes, LVIS's
+  rare ones), else the trained names' fit. Each map is monotone: it changes no ranking within a group.
+- ``score_thresh``: the display threshold with the best F1 on the same images, as a confidence
+  (``raw_score_thresh``: the same cut in display scores). With the
+  training names competing hidden (see ``ViLDRoIHeads._scoring_vocabulary``), what a subset of the names
+  shows is what all of them show, restricted to the subset, so one threshold serves every vocabulary.
 
-``calibrate_checkpoint(path, train_images, val_images, val_targets)`` measures both and writes them
-into the checkpoint.
+``calibrate_checkpoint(path, train_images, val_images, val_targets, names)`` measures all three and
+writes them into the checkpoint.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ from typing import Iterable
 
 import torch
 
+from ..modeling.postprocess import to_confidence
 from ..modeling.vild import ViLD
 
 
@@ -58,42 +66,107 @@ def measure_region_mean(model: ViLD, images: Iterable[torch.Tensor], batch_size:
     return (total / count).float()
 
 
-def calibration_entry(region_mean: torch.Tensor, score_thresh: float | None = None) -> dict:
-    """What a checkpoint's "calibration" entry holds (plain lists: it loads with weights_only=True)."""
+def calibration_entry(region_mean: torch.Tensor, score_thresh: float | None = None,
+                      confidence: list[tuple[float, float]] | None = None) -> dict:
+    """What a checkpoint's "calibration" entry holds (plain lists: it loads with weights_only=True);
+    ``confidence``: the (a, b) of trained names, then of the others."""
     entry = {"region_mean": region_mean.tolist()}
     if score_thresh is not None:
         entry["score_thresh"] = float(score_thresh)
+    if confidence is not None:
+        entry["confidence"] = [[float(a), float(b)] for a, b in confidence]
     return entry
 
 
-def display_threshold(detector, images: list[torch.Tensor], targets: list[tuple[torch.Tensor, list[str]]],
-                      names: list[str]) -> tuple[float, float]:
-    """(threshold, F1) of ``detector`` at its display scoring over annotated images, with ``names`` asked for.
-
-    ``targets``: per image, (boxes xyxy [n, 4], category names).
-    """
-    from ..evaluation.matching import MatchCounts, best_f1_threshold, match_image
+def display_matches(detector, images: list[torch.Tensor], targets: list[tuple[torch.Tensor, list[str]]],
+                    names: list[str]) -> tuple[list[tuple[float, bool, str]], int]:
+    """(score, matched an object, name) of every detection ``detector`` shows at threshold 0 over annotated
+    images with ``names`` asked for, and the number of objects. ``targets``: per image, (boxes xyxy [n, 4], names)."""
+    from ..evaluation.matching import MatchCounts, match_image
     detector.set_vocabulary(names)
     results = detector(images, score_thresh=0.0, masks=False)  # boxes are all the matching needs
     counts, matched = MatchCounts(), []
     for r, (boxes, gt_names) in zip(results, targets):
         keep = [i for i, n in enumerate(gt_names) if n in names]
-        matched += match_image(counts, r.boxes, r.scores, r.names, boxes[keep], [gt_names[i] for i in keep])
-    return best_f1_threshold(matched, sum(counts.gt.values()))
+        hits = match_image(counts, r.boxes, r.scores, r.names, boxes[keep], [gt_names[i] for i in keep])
+        order = torch.argsort(r.scores, descending=True, stable=True).tolist()  # match_image's order
+        matched += [(s, hit, r.names[i]) for (s, hit), i in zip(hits, order)]
+    return matched, sum(counts.gt.values())
+
+
+def display_threshold(detector, images: list[torch.Tensor], targets: list[tuple[torch.Tensor, list[str]]],
+                      names: list[str]) -> tuple[float, float]:
+    """(threshold, F1) of ``detector`` at its display scoring over annotated images, with ``names`` asked for."""
+    from ..evaluation.matching import best_f1_threshold
+    matched, num_objects = display_matches(detector, images, targets, names)
+    return best_f1_threshold([(s, hit) for s, hit, _ in matched], num_objects)
+
+
+def fit_confidence(matched: list[tuple[float, bool]], steps: int = 200) -> tuple[float, float] | None:
+    """Platt scaling: (a, b) of P(match | s) = σ(a · log s + b) by maximum likelihood over (score, matched)
+    detections; None when the fit is not increasing in s (no signal to calibrate)."""
+    if not matched or all(hit for _, hit in matched) or not any(hit for _, hit in matched):
+        return None
+    x = torch.tensor([s for s, _ in matched], dtype=torch.float64).clamp_min(1e-12).log()
+    y = torch.tensor([float(hit) for _, hit in matched], dtype=torch.float64)
+    mu, sd = x.mean(), x.std().clamp_min(1e-6)
+    params = torch.zeros(2, dtype=torch.float64, requires_grad=True)  # on standardised log scores
+    opt = torch.optim.LBFGS([params], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(params[0] * (x - mu) / sd + params[1], y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    a, b = (float(v) for v in params.detach())
+    if not a > 0:
+        return None
+    return a / float(sd), b - a * float(mu) / float(sd)
+
+
+# a group of names gets a fit of its own from this many held-out detections on
+MIN_GROUP_DETECTIONS = 50
+
+
+def fit_group_confidence(matched: list[tuple[float, bool, str]], trained: set[str]
+                         ) -> list[tuple[float, float]] | None:
+    """The (a, b) of names in ``trained`` and of the others (``fit_confidence`` per group); a group with too few
+    detections, or no signal, takes the trained names' fit; None when there is none."""
+    groups = [[(s, hit) for s, hit, n in matched if (n in trained) == is_trained] for is_trained in (True, False)]
+    fits = [fit_confidence(g) if len(g) >= MIN_GROUP_DETECTIONS else None for g in groups]
+    if fits[0] is None:
+        fits[0] = fit_confidence(groups[0] + groups[1])
+    if fits[0] is None:
+        return None
+    return [fits[0], fits[1] or fits[0]]
 
 
 def calibrate_checkpoint(path: str, train_images: list[torch.Tensor], val_images: list[torch.Tensor],
                          val_targets: list[tuple[torch.Tensor, list[str]]], names: list[str]) -> dict:
-    """Measure the region mean on ``train_images`` and the display threshold on the annotated
-    ``val_images`` (``names``: every category they are annotated with), and write both into the checkpoint."""
+    """Measure the region mean on ``train_images``, then the confidence fits and display threshold on the
+    annotated ``val_images`` (``names``: every category they are annotated with); write them into the checkpoint."""
     from ..api import Detector
+    from ..evaluation.matching import best_f1_threshold
+    from ..teacher.vocabulary import name_key
     from ..utils.atomic import atomic_save
     from .checkpoint import load_checkpoint
-    det = Detector.from_checkpoint(path, device="cpu")
+    det = Detector.from_checkpoint(path, device="cpu", confidence=False)  # the raw display scores
     det.model.roi_heads.region_mean.copy_(measure_region_mean(det.model, train_images))
-    thresh, f1 = display_threshold(det, val_images, val_targets, names)
+    matched, num_objects = display_matches(det, val_images, val_targets, names)
+    raw_thresh, raw_f1 = best_f1_threshold([(s, hit) for s, hit, _ in matched], num_objects)
+    trained = {n for n in names if name_key(n) in det.training_keys}
+    fits = fit_group_confidence(matched, trained)
+    extra = {"f1": raw_f1}
+    thresh = raw_thresh
+    if fits is not None:  # the threshold as a confidence (shown by default); the raw cut for raw scores
+        conf = [float(to_confidence(torch.tensor(s, dtype=torch.float64), *fits[n not in trained]))
+                for s, _, n in matched]
+        thresh, extra["f1"] = best_f1_threshold([(c, hit) for c, (_, hit, _) in zip(conf, matched)], num_objects)
+        extra["raw_score_thresh"] = raw_thresh
     ckpt = load_checkpoint(path)
-    ckpt["calibration"] = {**calibration_entry(det.model.roi_heads.region_mean.cpu(), thresh), "f1": f1}
+    ckpt["calibration"] = {**calibration_entry(det.model.roi_heads.region_mean.cpu(), thresh, fits), **extra}
     atomic_save(ckpt, path)
     return ckpt["calibration"]
 
@@ -107,6 +180,9 @@ def apply_calibration(model: ViLD, entry: dict | None) -> bool:
         raise ValueError(f"calibration region_mean of shape {tuple(mean.shape)} does not fit this model "
                          f"({tuple(model.roi_heads.region_mean.shape)}): measure it again for this checkpoint")
     model.roi_heads.region_mean.copy_(mean)
+    if entry.get("confidence") is not None:  # [a, b] for every name, or one row per group
+        fit = torch.tensor(entry["confidence"], dtype=torch.float32)
+        model.roi_heads.confidence_fit.copy_(fit.expand_as(model.roi_heads.confidence_fit))
     return True
 
 

@@ -120,6 +120,19 @@ class TextClassifier(nn.Module):
             return logits / self.temperature
 
 
+def with_hidden_shown(vocab: ClassifierVocabulary) -> ClassifierVocabulary:
+    """``vocab`` with its hidden reference categories as ordinary columns after its K own, counted as base.
+
+    Scoring a region over this vocabulary gives the same softmax as over ``vocab`` (the same logits compete),
+    with the hidden categories' scores kept, so that they can win a region's label: a caller then drops the
+    detections labelled K or more. The concatenation runs even for Kr = 0, so a traced graph keeps Kr an input.
+    """
+    ref = vocab.reference_embeddings
+    return ClassifierVocabulary(torch.cat([vocab.text_embeddings, ref], dim=0),
+                                torch.cat([vocab.base_mask, torch.ones_like(ref[:, 0], dtype=torch.bool)]),
+                                ref[:0])
+
+
 def ensemble_scores(p_text: torch.Tensor, p_image: torch.Tensor, base_mask: torch.Tensor, lam: float) -> torch.Tensor:
     """ViLD-ensemble: base p_T^λ·p_I^(1−λ), novel p_T^(1−λ)·p_I^λ (geometric, per category)."""
     w_text = torch.where(base_mask, torch.full_like(base_mask, lam, dtype=p_text.dtype), 1.0 - lam)

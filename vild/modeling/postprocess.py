@@ -16,7 +16,9 @@ class DetectionSettings:
     NMS first (a speed lever, see ``select_detections``); ``class_agnostic``: one label per box.
     Scoring: ``objectness_weight`` w makes a score p^(1-w) · o^w with the RPN's objectness o;
     ``centering`` subtracts that share of the mean region embedding before the text dot products
-    (``TextClassifier.forward``). ``masks``: predict masks (for models that have a mask head).
+    (``TextClassifier.forward``). ``confidence``: show scores as the calibrated confidences of the model's
+    ``confidence_fit`` (``ViLDRoIHeads.confidence``); the threshold is then a confidence too.
+    ``masks``: predict masks (for models that have a mask head).
     """
 
     score_thresh: float = 0.0
@@ -26,6 +28,7 @@ class DetectionSettings:
     class_agnostic: bool = False
     objectness_weight: float = 0.0
     centering: float = 0.0
+    confidence: bool = False
     masks: bool = True
 
     def __post_init__(self):
@@ -33,15 +36,23 @@ class DetectionSettings:
             raise ValueError(f"objectness weight {self.objectness_weight}: use a weight in [0, 1]")
 
 
+def to_confidence(scores: torch.Tensor, a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
+    """Display scores → calibrated confidences σ(a · log s + b) (Platt scaling, see ``vild.engine.calibration``)."""
+    return torch.sigmoid(a * scores.clamp_min(1e-12).log() + b)
+
+
 def select_detections(boxes: torch.Tensor, scores: torch.Tensor, score_thresh: float, nms_thresh: float,
-                      max_dets: int, topk_candidates: int, class_agnostic: bool = False
+                      max_dets: int, topk_candidates: int, class_agnostic: bool = False,
+                      num_shown: int | torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """NMS over [R, 4] class-agnostic boxes and [R, K] scores; returns boxes, scores, labels, box rows.
 
     ``class_agnostic``: one label per box: each box keeps its best class, and NMS runs across classes
     (ultralytics' ``agnostic_nms``). All classes of a row share its box, so this equals NMS over every
     (box, class) pair with the class ignored. Otherwise NMS runs per class, as the COCO/LVIS protocol
-    expects (a box may then carry several labels).
+    expects (a box may then carry several labels). ``num_shown`` (class-agnostic only): classes from this
+    index on are hidden: they win boxes and suppress others in NMS, then their boxes are dropped before the
+    ``max_dets`` best are kept.
 
     The result equals per-class NMS over every (box, class) pair over the threshold, keeping the best
     ``max_dets``; but with 1203 classes and score threshold 0 that is over a million candidates, so
@@ -60,8 +71,10 @@ def select_detections(boxes: torch.Tensor, scores: torch.Tensor, score_thresh: f
     if class_agnostic:
         best, labels = scores.masked_fill(empty[:, None], float("-inf")).max(dim=1)
         rows = (best > score_thresh).nonzero().squeeze(1)
-        keep = nms(boxes[rows].float(), best[rows].float(), nms_thresh)[:max_dets]
-        rows = rows[keep]
+        rows = rows[nms(boxes[rows].float(), best[rows].float(), nms_thresh)]
+        if num_shown is not None:
+            rows = rows[labels[rows] < num_shown]
+        rows = rows[:max_dets]
         return boxes[rows], best[rows], labels[rows], rows
     num_classes = scores.shape[1]
     flat = scores.masked_fill(empty[:, None], float("-inf")).reshape(-1)
@@ -144,7 +157,7 @@ def _paste(masks: torch.Tensor, boxes: torch.Tensor, out: torch.Tensor, height: 
 
 def select_detections_batched(boxes: torch.Tensor, scores: torch.Tensor, score_thresh: torch.Tensor | float,
                               nms_thresh: float, max_dets: torch.Tensor | int, topk_candidates: int,
-                              class_agnostic: bool = False
+                              class_agnostic: bool = False, num_shown: int | torch.Tensor | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``select_detections`` for a padded batch, with no data-dependent loop, so that it traces (ONNX export).
 
@@ -163,6 +176,9 @@ def select_detections_batched(boxes: torch.Tensor, scores: torch.Tensor, score_t
         best, labels = scores.masked_fill(without_area(boxes)[..., None], float("-inf")).max(dim=2)
         live = torch.where(best > score_thresh, best, torch.full_like(best, float("-inf")))
         img, row = grouped_nms(boxes, live[:, None, :], nms_thresh)
+        if num_shown is not None:
+            shown = labels[img, row] < num_shown
+            img, row = img[shown], row[shown]
         img, row = best_per_group(img, row, best[img, row], b, max_dets)
         return boxes[img, row], best[img, row], labels[img, row], img, row
     flat = scores.masked_fill(without_area(boxes)[..., None], float("-inf")).reshape(b, r * k)

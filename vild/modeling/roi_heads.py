@@ -18,11 +18,12 @@ from torchvision.ops import boxes as box_ops
 
 from .box_coder import BoxCoder
 from .box_head import ViLDBoxHead
-from .classifier import ClassifierVocabulary, TextClassifier, ensemble_scores
+from .classifier import ClassifierVocabulary, TextClassifier, ensemble_scores, with_hidden_shown
 from .conv_stack import run_conv_stack
 from .losses import box_regression_loss, classification_loss, distillation_loss
 from .pooling import level_scales, merge_levels
-from .postprocess import DetectionSettings, clip_boxes_per_image, select_detections, select_detections_batched
+from .postprocess import (DetectionSettings, clip_boxes_per_image, select_detections, select_detections_batched,
+                          to_confidence)
 from .sampling import batched_box_iou, box_valid, pad_boxes, sample_balanced, sampled_rows
 
 VARIANTS = ("text", "vild", "ensemble", "fvlm")  # fvlm trains as text (see fvlm.py)
@@ -68,6 +69,9 @@ class ViLDRoIHeads(nn.Module):
         # mean embedding of typical proposals per head (vild.engine.calibration); zeros until measured.
         # Not persistent: measured after training, it travels in a checkpoint's "calibration" entry
         self.register_buffer("region_mean", torch.zeros(2, classifier.embed_dim), persistent=False)
+        # (a, b) of the display score's confidence map σ(a · log s + b) for names seen in training (row 0) and the
+        # others (row 1), fitted by the same calibration
+        self.register_buffer("confidence_fit", torch.zeros(2, 2), persistent=False)
 
     @property
     def mask_on(self) -> bool:
@@ -214,6 +218,31 @@ class ViLDRoIHeads(nn.Module):
             scores = scores.clamp_min(1e-12) ** (1.0 - w) * objectness.float().clamp_min(1e-12)[:, None] ** w
         return scores, deltas
 
+    def _scoring_vocabulary(self, vocabulary: ClassifierVocabulary | None, settings: DetectionSettings
+                            ) -> tuple[ClassifierVocabulary, torch.Tensor | int]:
+        """The vocabulary to score regions over, and K (labels from K on are hidden categories, never shown).
+
+        With one label per box, the hidden reference categories compete for the label too: a region that is
+        best called by one of them (a base shape when only novel names were asked for) takes that label into
+        NMS, where it suppresses the overlapping boxes of the named categories, and is then dropped (before the
+        ``max_dets`` best are kept: ``select_detections``' ``num_shown``). What is
+        shown for a subset of the names is then what the names and the hidden ones together show, restricted
+        to the subset. Per-class NMS has no one label to decide, so the hidden categories only compete in the
+        softmax there.
+        """
+        vocab = self.classifier.vocabulary_for(vocabulary)
+        k = vocab.text_embeddings.shape[0]  # not len(): a traced graph keeps K an input
+        return (with_hidden_shown(vocab) if settings.class_agnostic else vocab), k
+
+    def confidence(self, scores: torch.Tensor, settings: DetectionSettings, base_mask: torch.Tensor) -> torch.Tensor:
+        """With ``settings.confidence``, scores [R, K] as calibrated confidences σ(a · log s + b), with the
+        ``confidence_fit`` row of names seen in training where ``base_mask`` [K] is set and of the others elsewhere
+        (see ``vild.engine.calibration``): monotone per group, so no ranking within a group changes."""
+        if not settings.confidence:
+            return scores
+        fit = torch.where(base_mask[:, None], self.confidence_fit[0], self.confidence_fit[1])  # [K, 2]
+        return to_confidence(scores, fit[:, 0], fit[:, 1])
+
     def rescore(self, scores: torch.Tensor, boxes: torch.Tensor, counts: list[int], features: dict,
                 image_sizes: list, vocabulary: ClassifierVocabulary) -> torch.Tensor:
         """Hook for variants that combine the class probabilities [R, K] over ``vocabulary`` with another scorer of
@@ -248,18 +277,19 @@ class ViLDRoIHeads(nn.Module):
         config's ``test_settings``); ``vocabulary``: the categories (default: the installed ones).
         """
         st = settings or self.test_settings
-        vocab = self.classifier.vocabulary_for(vocabulary)
+        vocab, k = self._scoring_vocabulary(vocabulary, st)
         pooled = self.box_pooler(features, proposals, image_sizes)
         scores, deltas = self.class_scores(pooled, torch.cat(objectness) if objectness is not None else None, st,
                                            vocab)
         boxes = self.box_coder.decode(deltas.float(), proposals).squeeze(1)
         counts = [len(p) for p in proposals]
-        scores = self.rescore(scores, boxes, counts, features, image_sizes, vocab)
+        scores = self.confidence(self.rescore(scores, boxes, counts, features, image_sizes, vocab), st,
+                                 vocab.base_mask)
         results, rows = [], []
         for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes):
             b = box_ops.clip_boxes_to_image(b, size)
             db, ds, dl, row = select_detections(b, s, st.score_thresh, st.nms_thresh, st.max_dets,
-                                                st.topk_candidates, st.class_agnostic)
+                                                st.topk_candidates, st.class_agnostic, num_shown=k)
             results.append({"boxes": db, "scores": ds, "labels": dl})
             rows.append(row)
         if self.mask_on and st.masks:
@@ -279,17 +309,19 @@ class ViLDRoIHeads(nn.Module):
         ``forward_test``.
         """
         st = settings or self.test_settings
+        vocabulary, k = self._scoring_vocabulary(vocabulary, st)
         n_img, width = proposals.shape[:2]
         flat = proposals.reshape(-1, 4)
         image_index = torch.arange(n_img, device=flat.device)[:, None].expand(n_img, width).reshape(-1)
         rois = torch.cat([image_index[:, None].to(flat.dtype), flat], dim=1)
         scores, deltas = self.class_scores(pool_rois(self.box_pooler, features, rois, image_sizes),
                                            None if objectness is None else objectness.reshape(-1), st, vocabulary)
+        scores = self.confidence(scores, st, self.classifier.vocabulary_for(vocabulary).base_mask)
         boxes = self.box_coder.decode(deltas.float(), [flat]).view(n_img, width, 4)
         boxes = clip_boxes_per_image(boxes, image_sizes)
         db, ds, dl, di, _ = select_detections_batched(boxes, scores.view(n_img, width, -1), score_thresh,
                                                       st.nms_thresh, max_dets, st.topk_candidates,
-                                                      st.class_agnostic)
+                                                      st.class_agnostic, num_shown=k)
         out = {"boxes": db, "scores": ds, "labels": dl, "batch_index": di}
         if self.mask_on:
             rois = torch.cat([di[:, None].to(db.dtype), db], dim=1)
