@@ -37,6 +37,7 @@ def test_fast_demo_runs_every_stage(tmp_path):
 
     # the exported model (weights-only, fp16) loads from its own folder alone and detects like the original
     exported = export_demo_model(out, tmp_path / "export")
+    assert export_demo_model(out, tmp_path / "export", "vild_ensemble") == tmp_path / "export" / "model_ensemble.pth"
     ckpt = load_checkpoint(exported)
     assert "optimizer" not in ckpt and "rng" not in ckpt
     assert all(v.dtype.is_floating_point is False or v.dtype == torch.float16 for v in ckpt["model"].values())

@@ -8,5 +8,5 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from vild.cli.demo import main  # noqa: E402
 
 if __name__ == "__main__":
-    # In a checkout the table and picture are the ones the README shows.
-    sys.exit(main(results_dir="benchmarks/results", picture="docs/demo_novel_detections.png"))
+    # In a checkout the table is the one the README shows (its picture comes from benchmarks/trust.py).
+    sys.exit(main(results_dir="benchmarks/results"))

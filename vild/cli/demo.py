@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None, results_dir: str | None = None, picture:
                         f"{picture or 'OUT/demo_novel_detections.png'}; under OUT with --full)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--iters", type=int, default=0, help="training iterations per detector (default: DemoSettings)")
-    p.add_argument("--export", default="", help="after the run, copy the ViLD model (fp16) and teacher here")
+    p.add_argument("--export", default="",
+                   help="after the run, copy the ViLD and ViLD-ensemble models (fp16) and the teacher here "
+                        "(tests/assets/demo_model: --iters 3000 --export tests/assets/demo_model)")
     p.add_argument("--train-teacher", action="store_true",
                    help="pretrain the tiny CLIP teacher here instead of starting from the shipped one")
     p.add_argument("--teacher-steps", type=int, default=0,
@@ -43,14 +45,15 @@ def main(argv: list[str] | None = None, results_dir: str | None = None, picture:
     s.detector_iters = a.iters or s.detector_iters
     s.teacher_steps = a.teacher_steps or s.teacher_steps
     s.train_teacher = s.train_teacher or a.train_teacher
-    # a checkout's README shows the default run's table and picture: --full keeps its own under --out
+    # a checkout's README shows the default run's table: --full keeps its own under --out
     results_dir, picture = (None, None) if a.full else (results_dir, picture)
     results = a.results_dir if a.results_dir is not None else results_dir or str(Path(a.out) / "results")
     pic = a.picture if a.picture is not None else picture or str(Path(a.out) / "demo_novel_detections.png")
     run_demo(a.out, s, recompute=a.recompute, results_dir=results or None, picture=pic or None,
              threads=a.threads or None)
     if a.export:
-        print(f"exported {export_demo_model(a.out, a.export)}")
+        for folder in ("vild", "vild_ensemble"):
+            print(f"exported {export_demo_model(a.out, a.export, folder)}")
     return 0
 
 

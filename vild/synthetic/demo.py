@@ -302,7 +302,8 @@ def export_backbone(weights: str | Path, dest: str | Path) -> Path:
 def export_demo_model(out: str | Path, dest: str | Path, variant_folder: str = "vild") -> Path:
     """Copy a trained demo detector (weights-only, fp16) and its teacher into ``dest``, loadable from there alone.
 
-    This is how tests/assets/demo_model was made: ``python tools/demo.py --export tests/assets/demo_model``.
+    The ViLD goes to ``dest/model.pth``, another variant to ``dest/model_<variant>.pth`` (``model_ensemble.pth``).
+    This is how tests/assets/demo_model was made (see ``vild-demo --help``, ``--export``).
     """
     from ..engine.checkpoint import export_checkpoint
     out, dest = Path(out), Path(dest)
@@ -313,8 +314,9 @@ def export_demo_model(out: str | Path, dest: str | Path, variant_folder: str = "
             raise FileNotFoundError(f"{f} does not exist: run the demo first (python tools/demo.py --out {out})")
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(teacher, dest / teacher.name)
+    name = "model.pth" if variant_folder == "vild" else f"model_{variant_folder.removeprefix('vild_')}.pth"
     # the teacher is named by file name only: Detector.from_checkpoint finds it beside the checkpoint
-    return export_checkpoint(model, dest / "model.pth", half=True, teacher_weights=teacher.name)
+    return export_checkpoint(model, dest / name, half=True, teacher_weights=teacher.name)
 
 
 def run_demo(out: str | Path = "output/demo", settings: DemoSettings | None = None, recompute: bool = False,
