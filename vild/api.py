@@ -185,7 +185,7 @@ class Detector:
         calibration = ckpt.data.get("calibration") or {}
         if det.confidence is None:
             det.confidence = calibration.get("confidence") is not None
-        # with a confidence fit, "score_thresh" is a confidence and "raw_score_thresh" the same cut in raw scores
+        # with a confidence fit, "score_thresh" is a confidence and "raw_score_thresh" the raw scores' own threshold
         key = "raw_score_thresh" if not det.confidence and "raw_score_thresh" in calibration else "score_thresh"
         if key in calibration:
             det.display_score_thresh = float(calibration[key])

@@ -12,9 +12,9 @@
   own fit when the held-out images annotate such categories (the synthetic world's novel shapes, LVIS's
   rare ones), else the trained names' fit. Each map is monotone: it changes no ranking within a group.
 - ``score_thresh``: the display threshold with the best F1 on the same images, as a confidence
-  (``raw_score_thresh``: the same cut in display scores). With the
-  training names competing hidden (see ``ViLDRoIHeads._scoring_vocabulary``), what a subset of the names
-  shows is what all of them show, restricted to the subset, so one threshold serves every vocabulary.
+  (``raw_score_thresh``: the best-F1 threshold of the raw display scores, for ``Detector(confidence=False)``).
+  With the training names competing hidden (see ``ViLDRoIHeads._scoring_vocabulary``), what a subset of the
+  names shows is what all of them show, restricted to the subset, so one threshold serves every vocabulary.
 
 ``calibrate_checkpoint(path, train_images, val_images, val_targets, names)`` measures all three and
 writes them into the checkpoint.
@@ -160,7 +160,7 @@ def calibrate_checkpoint(path: str, train_images: list[torch.Tensor], val_images
     fits = fit_group_confidence(matched, trained)
     extra = {"f1": raw_f1}
     thresh = raw_thresh
-    if fits is not None:  # the threshold as a confidence (shown by default); the raw cut for raw scores
+    if fits is not None:  # the threshold as a confidence (shown by default); the raw one for raw scores
         conf = [float(to_confidence(torch.tensor(s, dtype=torch.float64), *fits[n not in trained]))
                 for s, _, n in matched]
         thresh, extra["f1"] = best_f1_threshold([(c, hit) for c, (_, hit, _) in zip(conf, matched)], num_objects)
