@@ -88,18 +88,8 @@ def display_matches(detector, images: list[torch.Tensor], targets: list[tuple[to
     counts, matched = MatchCounts(), []
     for r, (boxes, gt_names) in zip(results, targets):
         keep = [i for i, n in enumerate(gt_names) if n in names]
-        hits = match_image(counts, r.boxes, r.scores, r.names, boxes[keep], [gt_names[i] for i in keep])
-        order = torch.argsort(r.scores, descending=True, stable=True).tolist()  # match_image's order
-        matched += [(s, hit, r.names[i]) for (s, hit), i in zip(hits, order)]
+        matched += match_image(counts, r.boxes, r.scores, r.names, boxes[keep], [gt_names[i] for i in keep])
     return matched, sum(counts.gt.values())
-
-
-def display_threshold(detector, images: list[torch.Tensor], targets: list[tuple[torch.Tensor, list[str]]],
-                      names: list[str]) -> tuple[float, float]:
-    """(threshold, F1) of ``detector`` at its display scoring over annotated images, with ``names`` asked for."""
-    from ..evaluation.matching import best_f1_threshold
-    matched, num_objects = display_matches(detector, images, targets, names)
-    return best_f1_threshold([(s, hit) for s, hit, _ in matched], num_objects)
 
 
 def fit_confidence(matched: list[tuple[float, bool]], steps: int = 200) -> tuple[float, float] | None:
@@ -155,15 +145,16 @@ def calibrate_checkpoint(path: str, train_images: list[torch.Tensor], val_images
     det = Detector.from_checkpoint(path, device="cpu", confidence=False)  # the raw display scores
     det.model.roi_heads.region_mean.copy_(measure_region_mean(det.model, train_images))
     matched, num_objects = display_matches(det, val_images, val_targets, names)
-    raw_thresh, raw_f1 = best_f1_threshold([(s, hit) for s, hit, _ in matched], num_objects)
+    raw_thresh, raw_f1 = best_f1_threshold(matched, num_objects)
     trained = {n for n in names if name_key(n) in det.training_keys}
     fits = fit_group_confidence(matched, trained)
     extra = {"f1": raw_f1}
     thresh = raw_thresh
     if fits is not None:  # the threshold as a confidence (shown by default); the raw one for raw scores
-        conf = [float(to_confidence(torch.tensor(s, dtype=torch.float64), *fits[n not in trained]))
-                for s, _, n in matched]
-        thresh, extra["f1"] = best_f1_threshold([(c, hit) for c, (_, hit, _) in zip(conf, matched)], num_objects)
+        fit = torch.tensor(fits, dtype=torch.float64)[[int(n not in trained) for _, _, n in matched]]  # [N, 2]
+        conf = to_confidence(torch.tensor([s for s, _, _ in matched], dtype=torch.float64), fit[:, 0], fit[:, 1])
+        thresh, extra["f1"] = best_f1_threshold([(c, hit) for c, (_, hit, _) in zip(conf.tolist(), matched)],
+                                                num_objects)
         extra["raw_score_thresh"] = raw_thresh
     ckpt = load_checkpoint(path)
     ckpt["calibration"] = {**calibration_entry(det.model.roi_heads.region_mean.cpu(), thresh, fits), **extra}

@@ -56,10 +56,10 @@ class MatchCounts:
 
 
 def match_image(counts: MatchCounts, boxes: torch.Tensor, scores: torch.Tensor, names: list[str],
-                gt_boxes: torch.Tensor, gt_names: list[str], iou: float = 0.5) -> list[tuple[float, bool]]:
+                gt_boxes: torch.Tensor, gt_names: list[str], iou: float = 0.5) -> list[tuple[float, bool, str]]:
     """Add one image: detections (xyxy [n, 4], scores [n], category names) against its objects (xyxy).
 
-    Returns (score, matched) per detection, best score first.
+    Returns (score, matched, name) per detection, best score first.
     """
     counts.images += 1
     for n in gt_names:
@@ -83,19 +83,19 @@ def match_image(counts: MatchCounts, boxes: torch.Tensor, scores: torch.Tensor, 
             counts.tp[name] += 1
         else:
             counts.fp[name] += 1
-        matched.append((float(scores[i]), j >= 0))
+        matched.append((float(scores[i]), j >= 0, name))
     return matched
 
 
-def best_f1_threshold(matched: list[tuple[float, bool]], num_objects: int) -> tuple[float, float]:
-    """The score threshold with the best F1 over (score, matched) detections of ``num_objects`` objects.
+def best_f1_threshold(matched: list[tuple], num_objects: int) -> tuple[float, float]:
+    """The score threshold with the best F1 over (score, matched, ...) detections of ``num_objects`` objects.
 
     Returns (threshold, F1); a detection is kept when its score is at least the threshold.
     """
     best = (1.0, 0.0)
     tp = 0
     ranked = sorted(matched, key=lambda x: -x[0])
-    for k, (score, hit) in enumerate(ranked, 1):
+    for k, (score, hit, *_) in enumerate(ranked, 1):
         tp += hit
         # a cut only between different scores: ties are kept or dropped together
         if k < len(ranked) and ranked[k][0] == score:

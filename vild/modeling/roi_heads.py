@@ -316,7 +316,7 @@ class ViLDRoIHeads(nn.Module):
         rois = torch.cat([image_index[:, None].to(flat.dtype), flat], dim=1)
         scores, deltas = self.class_scores(pool_rois(self.box_pooler, features, rois, image_sizes),
                                            None if objectness is None else objectness.reshape(-1), st, vocabulary)
-        scores = self.confidence(scores, st, self.classifier.vocabulary_for(vocabulary).base_mask)
+        scores = self.confidence(scores, st, vocabulary.base_mask)
         boxes = self.box_coder.decode(deltas.float(), [flat]).view(n_img, width, 4)
         boxes = clip_boxes_per_image(boxes, image_sizes)
         db, ds, dl, di, _ = select_detections_batched(boxes, scores.view(n_img, width, -1), score_thresh,
