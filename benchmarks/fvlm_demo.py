@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from common import ROOT, log, write_result  # noqa: E402
-from vild.config import CfgNode, load_config  # noqa: E402
+from vild.config import CfgNode  # noqa: E402
 from vild.engine.logger import setup_logger  # noqa: E402
 from vild.synthetic.demo import (  # noqa: E402
     VARIANTS,
@@ -45,7 +45,6 @@ from vild.synthetic.demo import (  # noqa: E402
     summarize,
 )
 
-FVLM_CONFIG = "synthetic/fvlm_demo.yaml"
 ROWS = ("ViLD-text", "ViLD", "ViLD-ensemble", "F-VLM")
 FOLDERS = {"ViLD-text": "vild_text", "ViLD": "vild", "ViLD-ensemble": "vild_ensemble", "F-VLM": "fvlm"}
 # (alpha, beta) evaluated on the trained F-VLM besides the config's: detector alone, CLIP alone, in between
@@ -53,15 +52,8 @@ ENSEMBLE_WEIGHTS = [(0.0, 0.0), (1.0, 1.0), (0.35, 0.65), (0.2, 0.5), (0.5, 0.8)
 
 
 def fvlm_config(out: Path, s: DemoSettings, world: dict, teacher: Path, opts: list[str]) -> CfgNode:
-    """The demo's data, teacher and schedule around configs/synthetic/fvlm_demo.yaml (``opts``: KEY VALUE overrides)."""
-    cfg = demo_config(out, s, world, teacher, "text", "lvis", None)
-    fv = load_config(FVLM_CONFIG, opts)
-    for section in ("MODEL", "INPUT", "SOLVER", "TEST", "DATALOADER"):
-        cfg[section] = fv[section]
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.SOLVER.MAX_ITER = s.detector_iters
-    cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, max(s.detector_iters // 10, 1))
-    return cfg
+    """The demo's F-VLM config (configs/synthetic/fvlm_demo.yaml with the demo's data, teacher and schedule)."""
+    return demo_config(out, s, world, teacher, "fvlm", "lvis", None, opts)
 
 
 def train_and_evaluate(cfg: CfgNode, folder: str, threads: int = 1) -> dict:
@@ -176,7 +168,7 @@ def main(argv=None) -> dict:
         shutil.rmtree(out / "clip_proposals", ignore_errors=True)  # a store left by an earlier run would resume
         t = time.perf_counter()
         cfg, _ = job("ViLD")
-        store = make_store(out, cfg, out / FOLDERS["ViLD-text"] / "model_final.pth", s)
+        store, _ = make_store(out, cfg, out / FOLDERS["ViLD-text"] / "model_final.pth", s)
         seconds["proposal_store"] = round(time.perf_counter() - t, 1)
         recall = proposal_recall(store, world)
         load["before_second_pair"] = load_average()

@@ -28,6 +28,21 @@ def test_fast_demo_runs_every_stage(tmp_path):
     # a second run reuses every cached stage
     again = run_demo(out, DemoSettings.fast(), results_dir=results)
     assert again["rows"] == summary["rows"] and again["seconds"]["total"] < summary["seconds"]["total"]
+    assert all(r["train_seconds"] > 0 for r in summary["rows"].values())
+    # the store's cost is part of ViLD's: its training seconds exceed the step time alone
+    assert summary["rows"]["ViLD"]["train_seconds"] > json.loads(
+        (out / "vild" / "demo_metrics.json").read_text())["train_seconds"]
+
+    # F-VLM is one more row: the cached stages stay, only F-VLM trains, and its table goes beside the default one
+    with_fvlm = DemoSettings.fast()
+    with_fvlm.fvlm = True
+    more = run_demo(out, with_fvlm, results_dir=results)
+    assert list(more["rows"]) == [*VARIANTS, "F-VLM"]
+    assert {k: v for k, v in more["rows"].items() if k != "F-VLM"} == summary["rows"]
+    assert load_checkpoint(out / "fvlm" / "model_final.pth")["iteration"] == with_fvlm.detector_iters
+    assert "| F-VLM |" in (results / "demo_synthetic_fvlm.md").read_text()
+    assert set(more["checks"]) >= {"fvlm_novel_ap50_above_vild", "fvlm_training_at_most_half_of_vild"}
+    assert json.loads((results / "demo_synthetic.json").read_text())["rows"] == summary["rows"]  # left as it was
 
     # a trained detector's backbone body is what a new detector starts from
     body = export_backbone(out / "vild_text" / "model_final.pth", tmp_path / "body.pt")

@@ -95,6 +95,16 @@ def test_checkpoint_holds_only_trained_weights_and_loads_into_a_detector(trained
         det.model.load_state_dict({**ckpt["model"], "roi_heads.extra": torch.zeros(1)})
 
 
+def test_onnx_export_is_refused_with_what_runs_fvlm_instead(trained, tmp_path, capsys):
+    """The exported graph has no CLIP region scorer: an F-VLM graph would silently score with the detector alone."""
+    from vild.cli.export import main as export_main
+    assert export_main(["--weights", str(trained["out"] / "model_final.pth"), "--out", str(tmp_path / "m.onnx"),
+                        "--no-text"]) == 2
+    err = capsys.readouterr().err
+    assert "F-VLM cannot be exported to ONNX" in err and "vild.Detector" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_set_vocabulary_swaps_what_both_scorers_classify(trained, world):
     det = Detector.from_checkpoint(trained["out"] / "model_final.pth", device="cpu")
     image = to_image_tensor(str(min(Path(world["images_val"]).iterdir())))

@@ -9,7 +9,8 @@ from pathlib import Path
 def main(argv: list[str] | None = None, results_dir: str | None = None, picture: str | None = None) -> int:
     """``vild-demo``: the synthetic-world ablation; table and picture go under ``--out`` unless given."""
     p = argparse.ArgumentParser(
-        description="The synthetic-world demo: world -> tiny CLIP -> ViLD-text / ViLD / ensemble / oracle -> table.")
+        description="The synthetic-world demo: world -> tiny CLIP -> ViLD-text / ViLD / ensemble / oracle "
+                    "(/ F-VLM) -> table.")
     p.add_argument("--out", default="", help="cache and output folder (default: output/demo, output/demo_full with "
                                              "--full)")
     p.add_argument("--recompute", action="store_true", help="ignore cached stages and start afresh")
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None, results_dir: str | None = None, picture:
                    help="pretrain the tiny CLIP teacher here instead of starting from the shipped one")
     p.add_argument("--teacher-steps", type=int, default=0,
                    help="teacher pretraining steps with --train-teacher (default: DemoSettings)")
+    p.add_argument("--fvlm", action="store_true",
+                   help="also train F-VLM (the teacher's frozen trunk as backbone, configs/synthetic/fvlm_demo.yaml) "
+                        "beside ViLD-text and the oracle, as one more row; its table is demo_synthetic_fvlm.md")
     a = p.parse_args(argv)
 
     from ..synthetic.demo import DemoSettings, export_demo_model, run_demo
@@ -45,6 +49,7 @@ def main(argv: list[str] | None = None, results_dir: str | None = None, picture:
     s.detector_iters = a.iters or s.detector_iters
     s.teacher_steps = a.teacher_steps or s.teacher_steps
     s.train_teacher = s.train_teacher or a.train_teacher
+    s.fvlm = a.fvlm
     # a checkout's README shows the default run's table: --full keeps its own under --out
     results_dir, picture = (None, None) if a.full else (results_dir, picture)
     results = a.results_dir if a.results_dir is not None else results_dir or str(Path(a.out) / "results")

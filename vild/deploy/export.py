@@ -92,6 +92,10 @@ def export_detector(model: ViLD, path: Union[str, os.PathLike], cfg: CfgNode,
     threshold and detection count stay inputs. ``training_embeddings`` (the training names' text
     embeddings) travel in the metadata, so that a runner without a text tower can hide them in the softmax.
     """
+    if model.roi_heads.variant == "fvlm":
+        raise ValueError("F-VLM cannot be exported to ONNX: its scores ensemble the detector's with the frozen CLIP "
+                         "trunk's own region scores, which the exported graph does not compute; run F-VLM models "
+                         "with vild.Detector, vild-detect or vild-serve")
     model = model.cpu().float().eval()
     settings = settings or model.roi_heads.test_settings
     # the exporter restores the mode it found: train mode would reach the model

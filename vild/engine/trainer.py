@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,8 @@ class Trainer:
             teacher = CLIPTeacher.from_config(cfg, self.device)
         self.teacher = teacher
         self.model = build_model(cfg, teacher=self.teacher).to(self.device)
+        # time.perf_counter() when the last training step ended (before the final evaluation): training's cost
+        self.train_ended_at: float | None = None
 
     # ---- data ---------------------------------------------------------------------------------
     def train_dataset(self) -> DetectionDataset:
@@ -319,6 +322,7 @@ class Trainer:
             self.run_step(state, next(batches), check=any(hook.needs_checked_losses(state) for hook in hooks))
             for hook in hooks:
                 hook.after_step(state)
+        self.train_ended_at = time.perf_counter()
         writer.close()
         for hook in hooks:
             hook.after_train(state)

@@ -31,7 +31,7 @@ from ..engine.logger import setup_logger
 logger = logging.getLogger("vild")
 
 FOLDERS = {"ViLD-text": "vild_text", "ViLD": "vild", "ViLD-ensemble": "vild_ensemble",
-           "oracle (all categories)": "oracle"}  # variant -> its folder under the output folder
+           "oracle (all categories)": "oracle", "F-VLM": "fvlm"}  # variant -> its folder under the output folder
 SHIPPED_TEACHER = Path(__file__).parent / "pretrained" / "vild-tiny-clip.pt"
 SHIPPED_TEACHER_KEY = {"seed": 0, "steps": 1000, "batch": 128, "weights": "fp16"}
 # the demo's stand-in for ImageNet weights: the TinyCNN body of the full demo's ViLD-text (base boxes only)
@@ -43,6 +43,9 @@ VARIANTS = {  # name → (MODEL.VILD.VARIANT, training split, uses the proposal 
     "ViLD-ensemble": ("ensemble", "lvis", True),
     "oracle (all categories)": ("text", "all", False),
 }
+# the frozen-CLIP variant, one more row with ``DemoSettings.fvlm`` (configs/synthetic/fvlm_demo.yaml): it trains
+# beside ViLD-text and the oracle, needs no proposal store, and its backbone is the teacher's own trunk
+FVLM_ROW = {"F-VLM": ("fvlm", "lvis", False)}
 
 
 @dataclass
@@ -61,6 +64,11 @@ class DemoSettings:
     workers: int = 2  # detectors trained side by side, one thread each
     train_teacher: bool = False  # pretrain the teacher here instead of using the shipped one
     pretrained_backbone: bool = True  # detectors start from SHIPPED_BACKBONE instead of random init
+    fvlm: bool = False  # also train and tabulate F-VLM (FVLM_ROW)
+
+    def variants(self) -> dict[str, tuple[str, str, bool]]:
+        """The rows this run trains: name → (MODEL.VILD.VARIANT, training split, uses the proposal store)."""
+        return {**VARIANTS, **(FVLM_ROW if self.fvlm else {})}
 
     @classmethod
     def full(cls) -> "DemoSettings":
@@ -77,7 +85,8 @@ class DemoSettings:
 
 def _check_settings(out: Path, s: DemoSettings) -> None:
     """Cached stages are reused only by a run of the same settings: refuse a folder that holds another's."""
-    marker, settings = out / "demo_settings.json", asdict(s)
+    # an added row (fvlm) leaves every other stage valid: it is not part of the key
+    marker, settings = out / "demo_settings.json", {k: v for k, v in asdict(s).items() if k != "fvlm"}
     known = json.loads(marker.read_text()) if marker.is_file() else None
     trained = any((out / folder / "model_final.pth").is_file() for folder in FOLDERS.values())
     if (known is not None and known != settings) or (known is None and trained):
@@ -133,7 +142,9 @@ def make_teacher(out: Path, s: DemoSettings, world: dict) -> tuple[Path, dict]:
     else:
         logger.info("pretraining the tiny CLIP teacher (%d steps of %d captioned crops)", s.teacher_steps,
                     s.teacher_batch)
-        train_metrics = pretrain_teacher(str(path), seed=s.seed, steps=s.teacher_steps, batch_size=s.teacher_batch)
+        # 16 captioned crops per step: a longer schedule sees new pairs, not the same ones more often
+        train_metrics = pretrain_teacher(str(path), seed=s.seed, steps=s.teacher_steps, batch_size=s.teacher_batch,
+                                         num_pairs=16 * s.teacher_steps)
     zs = region_zero_shot_accuracy(str(path), world, split="val", cache_dir=str(out / "cache"))
     metrics = {"key": key, "train": train_metrics, "zero_shot_val_boxes": zs}
     metrics_file.write_text(json.dumps(metrics, indent=1))
@@ -141,22 +152,25 @@ def make_teacher(out: Path, s: DemoSettings, world: dict) -> tuple[Path, dict]:
 
 
 def demo_config(out: Path, s: DemoSettings, world: dict, teacher: Path, variant: str, split: str,
-                store: Path | None) -> CfgNode:
-    """The config of one demo detector, on configs/synthetic/demo_base.yaml."""
+                store: Path | None, opts: list[str] | None = None) -> CfgNode:
+    """The config of one demo detector, on configs/synthetic/demo_base.yaml (F-VLM: on fvlm_demo.yaml, whose own
+    ``_BASE_`` it is; ``opts``: KEY VALUE overrides of that file)."""
     custom = {
         "synth_train": {"JSON": world["lvis_train"], "IMAGES": world["images_train"], "TYPE": "lvis", "SPLIT": split},
         # the same validation images scored twice: LVIS metrics (APr/APc/APf) and COCO AP50 on novel/base
         "synth_val_lvis": {"JSON": world["lvis_val"], "IMAGES": world["images_val"], "TYPE": "lvis", "SPLIT": "lvis"},
         "synth_val_coco": {"JSON": world["lvis_val"], "IMAGES": world["images_val"], "TYPE": "coco", "SPLIT": "lvis"},
     }
-    cfg = load_config(CONFIGS_DIR / "synthetic" / "demo_base.yaml")
+    fvlm = variant == "fvlm"
+    cfg = load_config(CONFIGS_DIR / "synthetic" / ("fvlm_demo.yaml" if fvlm else "demo_base.yaml"), opts or [])
     cfg.DATASETS.CUSTOM.merge(custom, allow_new=True)
     cfg.DATASETS.TRAIN = ["synth_train"]
     cfg.DATASETS.TEST = ["synth_val_lvis", "synth_val_coco"]
     cfg.DATASETS.PROPOSAL_STORE = str(store) if store else ""
     cfg.MODEL.VILD.VARIANT = variant
     cfg.MODEL.VILD.NUM_DISTILL_PROPOSALS = s.max_proposals
-    cfg.MODEL.BACKBONE.PRETRAINED = str(SHIPPED_BACKBONE) if s.pretrained_backbone else ""
+    # F-VLM's backbone is the teacher's frozen trunk: the shipped CNN body does not fit it
+    cfg.MODEL.BACKBONE.PRETRAINED = str(SHIPPED_BACKBONE) if s.pretrained_backbone and not fvlm else ""
     cfg.TEACHER.PRETRAINED = str(teacher)
     cfg.TEACHER.CACHE_DIR = str(out / "cache")
     cfg.SOLVER.MAX_ITER = s.detector_iters
@@ -168,7 +182,8 @@ def demo_config(out: Path, s: DemoSettings, world: dict, teacher: Path, variant:
 
 
 def train_detector(cfg: CfgNode, out_dir: Path, threads: int | None = None) -> dict:
-    """Train (or reuse) one detector, evaluate and calibrate it; returns the evaluation metrics and calibration."""
+    """Train (or reuse) one detector, evaluate and calibrate it; returns the evaluation metrics, calibration and
+    ``train_seconds`` (from building the trainer to its last step, evaluation apart)."""
     from ..engine.calibration import calibrate_from_config
     from ..engine.checkpoint import load_checkpoint
     from ..engine.trainer import Trainer
@@ -179,7 +194,10 @@ def train_detector(cfg: CfgNode, out_dir: Path, threads: int | None = None) -> d
     if metrics_file.is_file() and weights.is_file():
         results = json.loads(metrics_file.read_text())
     else:
-        results = Trainer(cfg).train()
+        t0 = time.perf_counter()
+        trainer = Trainer(cfg)
+        results = trainer.train()
+        results["train_seconds"] = round(trainer.train_ended_at - t0, 1)
         metrics_file.write_text(json.dumps(results, indent=1))
     # region mean on training images, display threshold on validation: each detector on its own datasets
     entry = load_checkpoint(weights).get("calibration") or calibrate_from_config(cfg, str(weights))
@@ -202,18 +220,24 @@ def train_detectors(jobs: dict[str, tuple[CfgNode, Path]], workers: int) -> dict
         return {name: f.result() for name, f in futures.items()}
 
 
-def make_store(out: Path, cfg: CfgNode, rpn_weights: Path, s: DemoSettings) -> Path:
-    """CLIP embeddings of the ViLD-text RPN's proposals on every training image (resumes if interrupted)."""
+def make_store(out: Path, cfg: CfgNode, rpn_weights: Path, s: DemoSettings) -> tuple[Path, float | None]:
+    """CLIP embeddings of the ViLD-text RPN's proposals on every training image (resumes if interrupted), and the
+    seconds writing it took (kept beside it for cached runs; None when an interrupted run resumed it)."""
     from ..engine.distributed import resolve_device
     from ..engine.precompute import load_proposal_model, precompute_clip_proposals
     from ..teacher import CLIPTeacher
-    store = out / "clip_proposals"
+    store, timing = out / "clip_proposals", out / "clip_proposals_seconds.json"
+    t0 = time.perf_counter()
     teacher = CLIPTeacher.from_config(cfg, resolve_device("cpu"))
     model = load_proposal_model(str(rpn_weights), torch.device("cpu"))
     stats = precompute_clip_proposals(cfg, teacher, store, model=model, max_proposals=s.max_proposals,
                                       shard_index=0, num_shards=1, batch_size=16, num_workers=0)
     logger.info("proposal store: %d images written now (%d were pending)", stats["written"], stats["pending_before"])
-    return store
+    if stats["written"] and stats["written"] == stats["pending_before"]:  # written whole by this call
+        timing.write_text(json.dumps({"seconds": round(time.perf_counter() - t0, 1)}))
+    elif stats["written"]:
+        timing.unlink(missing_ok=True)
+    return store, json.loads(timing.read_text())["seconds"] if timing.is_file() else None
 
 
 def proposal_recall(store_dir: Path, world: dict, iou: float = 0.5) -> dict:
@@ -254,15 +278,22 @@ def summarize(results: dict) -> dict:
 def format_table(rows: dict, teacher_zs: dict) -> str:
     """A markdown table of the ablation."""
     cols = [("APr_mask", "APr (novel, mask)"), ("AP_base_mask", "AP base (mask)"), ("AP_mask", "AP all (mask)"),
-            ("AP50_novel_box", "AP50 novel (box)"), ("AP50_base_box", "AP50 base (box)")]
+            ("AP50_novel_box", "AP50 novel (box)"), ("AP50_base_box", "AP50 base (box)"),
+            ("train_seconds", "training s")]
     lines = ["| model | " + " | ".join(c for _, c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(r[k]) for k, _ in cols) + " |")
     lines.append("")
+    lines.append("Training s: from building the trainer to its last step, two trainings at a time on one thread each; "
+                 "ViLD's and ViLD-ensemble's include the proposal store's.")
     lines.append(f"Teacher zero-shot accuracy on val boxes: base {100 * teacher_zs['base']:.1f} %, "
                  f"novel {100 * teacher_zs['novel']:.1f} %, all {100 * teacher_zs['all']:.1f} % "
                  f"({teacher_zs['n']} boxes).")
     return "\n".join(lines)
+
+
+def _plus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a + b, 1)
 
 
 def _fmt(v) -> str:
@@ -278,7 +309,15 @@ def ablation_checks(rows: dict, teacher_zs: dict) -> dict:
         "vild_novel_ap50_at_least_15_points_above_text": bool(v - t >= 15),
         "ensemble_base_ap_within_5_points_of_text": bool(abs(ens["AP_base_mask"] - text["AP_base_mask"]) <= 5),
         "teacher_novel_zero_shot_at_least_80": bool(teacher_zs["novel"] >= 0.8),
+        **(fvlm_checks(rows["F-VLM"], vild) if "F-VLM" in rows else {}),
     }
+
+
+def fvlm_checks(fvlm: dict, vild: dict) -> dict:
+    """F-VLM's goal against ViLD: more novel AP50, in half the training time or less (store included)."""
+    t_f, t_v = fvlm.get("train_seconds"), vild.get("train_seconds")
+    return {"fvlm_novel_ap50_above_vild": bool(fvlm["AP50_novel_box"] > vild["AP50_novel_box"]),
+            "fvlm_training_at_most_half_of_vild": bool(t_f is not None and t_v is not None and t_f <= 0.5 * t_v)}
 
 
 def export_backbone(weights: str | Path, dest: str | Path) -> Path:
@@ -340,23 +379,29 @@ def run_demo(out: str | Path = "output/demo", settings: DemoSettings | None = No
     zs = tmetrics["zero_shot_val_boxes"]
     logger.info("teacher zero-shot on val boxes: base %.1f %%, novel %.1f %%", 100 * zs["base"], 100 * zs["novel"])
 
+    variants = s.variants()
+
     def job(name: str, store: Path | None) -> tuple[CfgNode, Path]:
-        variant, split, distills = VARIANTS[name]
+        variant, split, distills = variants[name]
         return demo_config(out, s, world, teacher, variant, split, store if distills else None), out / FOLDERS[name]
 
     raw = {}
-    with _timed(stages, "train+eval+calibrate ViLD-text and oracle"):
-        raw.update(train_detectors({n: job(n, None) for n in ("ViLD-text", "oracle (all categories)")}, s.workers))
+    first = [n for n in ("ViLD-text", "oracle (all categories)", "F-VLM") if n in variants]
+    with _timed(stages, "train+eval+calibrate " + ", ".join(first)):
+        raw.update(train_detectors({n: job(n, None) for n in first}, s.workers))
     with _timed(stages, "proposal store"):
         cfg, _ = job("ViLD", None)
-        store = make_store(out, cfg, out / FOLDERS["ViLD-text"] / "model_final.pth", s)
+        store, store_seconds = make_store(out, cfg, out / FOLDERS["ViLD-text"] / "model_final.pth", s)
         recall = proposal_recall(store, world)
     logger.info("stored proposals cover %.1f %% of base and %.1f %% of novel training objects (IoU 0.5)",
                 100 * recall["base"], 100 * recall["novel"])
     with _timed(stages, "train+eval+calibrate ViLD and ViLD-ensemble"):
         raw.update(train_detectors({n: job(n, store) for n in ("ViLD", "ViLD-ensemble")}, s.workers))
-    calibration = {FOLDERS[name]: raw[name].pop("calibration") for name in VARIANTS}
-    rows = {name: summarize(raw[name]) for name in VARIANTS}
+    calibration = {FOLDERS[name]: raw[name].pop("calibration") for name in variants}
+    # a model's training cost; ViLD's and ViLD-ensemble's include the proposal store they distill from
+    train_seconds = {name: _plus(raw[name].pop("train_seconds", None), store_seconds if variants[name][2] else 0.0)
+                     for name in variants}
+    rows = {name: {**summarize(raw[name]), "train_seconds": train_seconds[name]} for name in variants}
     total = round(time.perf_counter() - t0, 1)
     table = format_table(rows, zs)
     checks = ablation_checks(rows, zs)
@@ -378,8 +423,9 @@ def run_demo(out: str | Path = "output/demo", settings: DemoSettings | None = No
     if results_dir:
         rd = Path(results_dir)
         rd.mkdir(parents=True, exist_ok=True)
-        (rd / "demo_synthetic.json").write_text(json.dumps(summary, indent=1))
-        (rd / "demo_synthetic.md").write_text(
+        stem = "demo_synthetic_fvlm" if s.fvlm else "demo_synthetic"
+        (rd / f"{stem}.json").write_text(json.dumps(summary, indent=1))
+        (rd / f"{stem}.md").write_text(
             f"# Synthetic-world ablation (not LVIS numbers)\n\n{table}\n\nTotal time {total} s "
             f"({summary['machine']['threads']} threads, {summary['machine']['processor']}).\n")
     logger.info("demo finished in %.0f s", total)
