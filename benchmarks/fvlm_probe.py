@@ -3,6 +3,8 @@
 
     python benchmarks/fvlm_probe.py                 # after fvlm_demo.py (reuses its world and teacher): ~15 min
     python benchmarks/fvlm_probe.py --no-64         # the demo's 32 px teacher only: ~2 min
+    python benchmarks/fvlm_probe.py --no-64 --teacher-steps 3000 --out-dir output/demo_3000 \
+        --out benchmarks/results/fvlm_dense_probe_teacher3000.json   # the teacher of vild-demo --teacher-steps 3000
 
 Top-1 accuracy (over all 14 shapes) of the validation objects' boxes, classified against the category names by:
 - ``crops``: the teacher on each box cropped at 1x and 1.5x (ViLD's distillation targets, ``embed_regions``);
@@ -118,10 +120,15 @@ def main(argv=None) -> dict:
     p.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128, 192, 256])
     p.add_argument("--max-images", type=int, default=80, help="validation images probed")
     p.add_argument("--no-64", action="store_true", help="skip the 64 px teacher (and its pretraining)")
+    p.add_argument("--teacher-steps", type=int, default=0,
+                   help="probe the 32 px teacher pretrained this many steps in --out-dir (vild-demo --train-teacher "
+                        "--teacher-steps N; cached there) instead of the shipped one")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fvlm_dense_probe.json"))
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     out, s = Path(a.out_dir), DemoSettings()
+    if a.teacher_steps:
+        s.train_teacher, s.teacher_steps = True, a.teacher_steps
     world = make_world(out, s)
     t32, m32 = make_teacher(out, s, world)
     teachers = [("vild-tiny-clip", t32, m32)]
