@@ -35,6 +35,7 @@ from common import ROOT, log, write_result  # noqa: E402
 from vild.config import CfgNode  # noqa: E402
 from vild.engine.logger import setup_logger  # noqa: E402
 from vild.synthetic.demo import (  # noqa: E402
+    FOLDERS,
     VARIANTS,
     DemoSettings,
     demo_config,
@@ -46,14 +47,8 @@ from vild.synthetic.demo import (  # noqa: E402
 )
 
 ROWS = ("ViLD-text", "ViLD", "ViLD-ensemble", "F-VLM")
-FOLDERS = {"ViLD-text": "vild_text", "ViLD": "vild", "ViLD-ensemble": "vild_ensemble", "F-VLM": "fvlm"}
 # (alpha, beta) evaluated on the trained F-VLM besides the config's: detector alone, CLIP alone, in between
 ENSEMBLE_WEIGHTS = [(0.0, 0.0), (1.0, 1.0), (0.35, 0.65), (0.2, 0.5), (0.5, 0.8), (0.35, 0.8)]
-
-
-def fvlm_config(out: Path, s: DemoSettings, world: dict, teacher: Path, opts: list[str]) -> CfgNode:
-    """The demo's F-VLM config (configs/synthetic/fvlm_demo.yaml with the demo's data, teacher and schedule)."""
-    return demo_config(out, s, world, teacher, "fvlm", "lvis", None, opts)
 
 
 def train_and_evaluate(cfg: CfgNode, folder: str, threads: int = 1) -> dict:
@@ -147,7 +142,7 @@ def main(argv=None) -> dict:
 
     def job(name: str, store: Path | None = None) -> tuple[CfgNode, Path]:
         if name == "F-VLM":
-            return fvlm_config(out, s, world, teacher, a.fvlm_opts), out / a.fvlm_folder
+            return demo_config(out, s, world, teacher, "fvlm", "lvis", None, a.fvlm_opts), out / a.fvlm_folder
         variant, split, distills = VARIANTS[name]
         return demo_config(out, s, world, teacher, variant, split, store if distills else None), out / FOLDERS[name]
 
