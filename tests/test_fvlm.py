@@ -195,7 +195,9 @@ def test_detector_scores_are_the_ensemble_of_its_two_scorers(one_thread):
         model([image])
         p_vlm = heads.vlm_scores(feats[CLIP_FEATURES], [seen["boxes"].clamp(0, 128)])
     w = torch.tensor([0.35, 0.65, 0.65])
-    assert torch.allclose(seen["out"], seen["det"] ** (1 - w) * p_vlm ** w, rtol=1e-5, atol=1e-7)
+    # probabilities are floored at 1e-12 before the powers (a softmax can underflow to 0)
+    want = seen["det"].clamp_min(1e-12) ** (1 - w) * p_vlm.clamp_min(1e-12) ** w
+    assert torch.allclose(seen["out"], want, rtol=1e-5, atol=1e-7)
 
 
 def test_vit_teacher_is_refused_with_the_teachers_that_work():

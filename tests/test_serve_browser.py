@@ -30,6 +30,7 @@ from playwright.sync_api import sync_playwright  # noqa: E402
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from serve_load import ServerProcess  # noqa: E402
 
+from vild.synthetic.demo_picture import novel_val_images  # noqa: E402
 from vild.synthetic.world import NOVEL_NAMES, generate_world  # noqa: E402
 
 DEMO = ROOT / "tests" / "assets" / "demo_model" / "model.pth"
@@ -45,8 +46,9 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory) -> Path:
-    w = generate_world(str(tmp_path_factory.mktemp("browser_world")), seed=11, num_train=0, num_val=1, image_size=128)
-    return next(Path(w["images_val"]).glob("*.png"))
+    """The image with the most novel shapes of a few from a world the demo model never saw."""
+    w = generate_world(str(tmp_path_factory.mktemp("browser_world")), seed=11, num_train=0, num_val=8, image_size=128)
+    return novel_val_images(w, 1)[0]
 
 
 @pytest.fixture(scope="module")
