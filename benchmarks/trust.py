@@ -44,9 +44,10 @@ def detect_world(det: Detector, world: dict, names: list[str]) -> list[dict]:
     return out
 
 
-def protocol_ap50(det: Detector, world: dict, objectness_weight: float, centering: float) -> dict:
+def protocol_ap50(det: Detector, world: dict, objectness_weight: float, centering: float, abstain: bool) -> dict:
     """Box AP50 on novel / base / all categories through the evaluation's own data path (per-class NMS,
-    threshold 0, the config's detection count), scored with the given objectness weight and centering."""
+    threshold 0, the config's detection count), scored with the given objectness weight, centering and (for
+    ViLD-ensemble with a calibrated null) abstention."""
     from contextlib import nullcontext
 
     from vild.data import build_dataset, build_test_loader
@@ -59,16 +60,16 @@ def protocol_ap50(det: Detector, world: dict, objectness_weight: float, centerin
     det.reference_vocabulary = False  # every category is named: nothing to hide
     det.set_vocabulary(ds.category_names)
     settings = dataclasses.replace(det.model.roi_heads.test_settings, objectness_weight=objectness_weight,
-                                   centering=centering)
+                                   centering=centering, abstain=abstain)
     m = inference_on_dataset(det.model, build_test_loader(cfg, ds), build_evaluator(ds, None), det.device,
                              nullcontext(), settings)
     return {k: m["bbox"][k] for k in ("AP50_novel", "AP50_base", "AP50_all")}
 
 
 # the plain settings, for comparison: per-class NMS and the class probability alone (no objectness, centering,
-# hidden training names or confidence), at a fixed 0.3 (0.05 for ViLD-ensemble, whose products are small)
+# abstention, hidden training names or confidence), at a fixed 0.3 (0.05 for ViLD-ensemble, whose products are small)
 PLAIN = {"per_class_nms": True, "objectness_weight": 0.0, "centering": 0.0, "reference_vocabulary": False,
-         "confidence": False}
+         "confidence": False, "abstain": False}
 PLAIN_THRESH = {"text": 0.3, "vild": 0.3, "ensemble": 0.05}
 
 
@@ -90,7 +91,8 @@ def measure(weights: str, world: dict, other_worlds: dict[int, dict]) -> dict:
     gt = json.loads(Path(world["coco_val"]).read_text())
     det = Detector.from_checkpoint(weights, device="cpu", max_dets=100)
     det.score_thresh = det.display_score_thresh
-    row = {"weights": weights, "variant": det.variant, "calibrated": det.display_score_thresh != default_score_thresh(
+    abstains = bool(det.abstain)  # the display scoring's, before the plain settings below turn it off
+    row = {"weights": weights, "variant": det.variant, "abstains": abstains, "calibrated": det.display_score_thresh != default_score_thresh(
         det.variant), "defaults": shown(det, world, gt), "defaults_other_worlds": {}}
     for seed, other in other_worlds.items():
         other_gt = json.loads(Path(other["coco_val"]).read_text())
@@ -99,8 +101,9 @@ def measure(weights: str, world: dict, other_worlds: dict[int, dict]) -> dict:
         setattr(det, k, v)
     det.score_thresh = PLAIN_THRESH[det.variant]
     row["plain"] = shown(det, world, gt)
-    row["protocol"] = {"model_scoring": protocol_ap50(det, world, DISPLAY_OBJECTNESS_WEIGHT, DISPLAY_CENTERING),
-                       "class_probability_only": protocol_ap50(det, world, 0.0, 0.0)}
+    row["protocol"] = {"model_scoring": protocol_ap50(det, world, DISPLAY_OBJECTNESS_WEIGHT, DISPLAY_CENTERING,
+                                                      abstains),
+                       "class_probability_only": protocol_ap50(det, world, 0.0, 0.0, False)}
     return row
 
 

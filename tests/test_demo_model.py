@@ -3,6 +3,8 @@ never saw a box of, and what they show at vild-detect's defaults is mostly real.
 
 The models were trained on base shapes only by ``vild-demo --iters 3000 --train-teacher --teacher-steps 3000``,
 calibrated by it (region mean, confidence, display threshold) and exported with ``--export tests/assets/demo_model``;
+the ensemble's calibration, its image head's null included, comes from ``benchmarks/calibrate_demo_model.py`` on the
+same images;
 these images come from a world with another seed, so the models have seen none of them. benchmarks/trust.py
 measures the same on 60-image worlds of seeds 11, 5 and this one (2026).
 """
@@ -21,16 +23,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ASSET = Path(__file__).resolve().parent / "assets" / "demo_model"
 
 
-# What each shipped model must show at vild-detect's defaults with the novel names only, on these 40 images.
-# ViLD meets the goal of trustworthy output: precision 0.6, recall 0.7, at most 0.1 boxes per image on names
-# absent from it (measured 0.93 / 0.77 / 0.05; per category, the weakest are arrow's precision, 9 of 12, and
-# star's recall, 7 of 12). ViLD-ensemble does not reach that recall (measured 0.81 / 0.54 / 0.10, and no star
-# shown: it calls half the stars by a base name, a cross or a square, and scores the others under its threshold);
-# its bounds hold it to what it shows, with precision per category and no recall per category
+# What each shipped model must show at vild-detect's defaults with the novel names only, on these 40 images: the goal
+# of trustworthy output, precision 0.6, recall 0.7, at most 0.1 boxes per image on names absent from it, and
+# precision 0.5 per category. ViLD measured 0.93 / 0.77 / 0.05 (per category, the weakest are arrow's precision,
+# 9 of 12, and star's recall, 7 of 12); ViLD-ensemble, its image head abstaining under its calibrated null,
+# 0.85 / 0.73 / 0.10, and it finds few stars (4 of 12: it calls the others by a base name, a cross or a square),
+# so its recall per category is held to a quarter
 BOUNDS = {
     "model.pth": {"precision": 0.6, "recall": 0.7, "absent": 0.1, "category_precision": 0.5, "category_recall": 0.5},
-    "model_ensemble.pth": {"precision": 0.6, "recall": 0.5, "absent": 0.15, "category_precision": 0.5,
-                           "category_recall": None},
+    "model_ensemble.pth": {"precision": 0.6, "recall": 0.7, "absent": 0.1, "category_precision": 0.5,
+                           "category_recall": 0.25},
 }
 
 
@@ -53,6 +55,7 @@ def test_detect_py_shows_novel_categories_on_held_out_images_and_little_else(hel
     trained_on = {s for syns in ckpt["vocabulary"] for s in syns}
     assert trained_on.isdisjoint(NOVEL_NAMES)  # not one novel box in training
     assert {"score_thresh", "confidence"} <= set(ckpt["calibration"])  # the demo calibrated it
+    assert ("image_null" in ckpt["calibration"]) == (ckpt["cfg"]["MODEL"]["VILD"]["VARIANT"] == "ensemble")
     gt = json.loads(Path(held_out["coco_val"]).read_text())
     counts = match_coco(gt, _detect(ASSET / model, list(NOVEL_NAMES), held_out, tmp_path / "novel"), list(NOVEL_NAMES))
     summary, bounds = json.dumps(counts.summary(), indent=1), BOUNDS[model]
@@ -60,8 +63,7 @@ def test_detect_py_shows_novel_categories_on_held_out_images_and_little_else(hel
     assert counts.absent_per_image() <= bounds["absent"], summary
     for name in NOVEL_NAMES:  # no name carries the totals (12 objects of each)
         assert counts.precision(name) >= bounds["category_precision"], summary
-        if bounds["category_recall"] is not None:
-            assert counts.recall(name) >= bounds["category_recall"], summary
+        assert counts.recall(name) >= bounds["category_recall"], summary
     assert len(list((tmp_path / "novel").glob("*.png"))) == len(gt["images"])  # one annotated picture per input
     # with every name asked for, the novel objects are found as well and as cleanly: a subset of the names
     # shows what all of them show, restricted to the subset

@@ -103,12 +103,18 @@ def _assert_same_detections(r, g) -> None:
     assert _mask_iou(r.masks, g.masks).min() >= 0.95
 
 
-def test_ensemble_export_takes_base_mask(tmp_path):
+@pytest.mark.parametrize("abstain", [False, True])
+def test_ensemble_export_takes_base_mask(tmp_path, abstain):
+    import dataclasses
     cfg = load_config("tiny_test.yaml", ["MODEL.VILD.VARIANT", "ensemble"])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
-    path = export_detector(model, tmp_path / "ens.onnx", cfg)
+    # with abstention the image head's calibrated null similarity is part of the graph
+    model.roi_heads.image_null.fill_(0.05)
+    settings = dataclasses.replace(model.roi_heads.test_settings, abstain=abstain)
+    path = export_detector(model, tmp_path / "ens.onnx", cfg, settings=settings)
     onnx_model = OnnxModel(*_session(path))
+    assert onnx_model.roi_heads.test_settings.abstain == abstain
     g = torch.Generator().manual_seed(1)
     emb = torch.nn.functional.normalize(torch.randn(6, model.embed_dim, generator=g), dim=-1)
     images = [torch.randint(0, 256, (3, 128, 96), generator=g, dtype=torch.uint8),
@@ -117,7 +123,7 @@ def test_ensemble_export_takes_base_mask(tmp_path):
         model.set_vocabulary(emb, torch.tensor(base))
         onnx_model.set_vocabulary(emb, torch.tensor(base))
         with torch.no_grad():
-            ref = model(images)
+            ref = model(images, settings=settings)
         got = onnx_model(images)
         for r, o in zip(ref, got):
             n = min(10, len(r["scores"]))  # the best ones: random weights leave near-ties further down

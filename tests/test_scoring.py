@@ -51,12 +51,17 @@ def test_objectness_weight_is_a_geometric_mean_with_the_rpn_probability():
         DetectionSettings(objectness_weight=1.5)
 
 
-def test_centering_subtracts_the_mean_region_from_names_but_not_from_the_background():
+def _ensemble_heads(seed: int):
+    """A tiny ViLD-ensemble over four names (two of them trained on), its RoI heads, and a generator after them."""
     model = tiny_model("ensemble").eval()
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(seed)
     text = F.normalize(torch.randn(4, DIM, generator=g), dim=-1)
     model.set_vocabulary(text, torch.tensor([True, True, False, False]))
-    heads = model.roi_heads
+    return model, model.roi_heads, text, g
+
+
+def test_centering_subtracts_the_mean_region_from_names_but_not_from_the_background():
+    _, heads, text, g = _ensemble_heads(2)
     heads.region_mean.copy_(torch.randn(2, DIM, generator=g) * 0.3)
     pooled = torch.randn(6, 32, 7, 7, generator=g)
     with torch.no_grad():
@@ -71,6 +76,39 @@ def test_centering_subtracts_the_mean_region_from_names_but_not_from_the_backgro
         pt, pi = lt.softmax(-1)[:, 1:], li.softmax(-1)
         w = torch.tensor([lam, lam, 1 - lam, 1 - lam])
     assert torch.allclose(got, pt.clamp_min(1e-12) ** w * pi.clamp_min(1e-12) ** (1 - w), atol=1e-6)
+
+
+def test_abstaining_image_head_scores_against_a_null_similarity():
+    from vild.engine.calibration import apply_calibration, calibration_entry
+    from vild.modeling.roi_heads import NO_IMAGE_NULL
+    model, heads, text, g = _ensemble_heads(3)
+    pooled = torch.randn(9, 32, 7, 7, generator=g)
+    abstain = DetectionSettings(abstain=True)
+    with torch.no_grad():
+        plain, _ = heads.class_scores(pooled)
+        uncalibrated, _ = heads.class_scores(pooled, settings=abstain)
+        assert float(heads.image_null) == NO_IMAGE_NULL and torch.allclose(uncalibrated, plain, atol=1e-6)
+        img, _ = heads.image_head(pooled)
+        sims = img @ text.T
+        null = float(sims.max(1).values.median())  # half the regions resemble no name more than this
+        assert apply_calibration(model, calibration_entry(heads.region_mean, image_null=null))
+        got, _ = heads.class_scores(pooled, settings=abstain)
+        emb, _ = heads.text_head(pooled)
+        clf = heads.classifier
+        lt = torch.cat([emb @ F.normalize(clf.background, dim=0)[:, None], emb @ text.T], 1) / clf.temperature
+        li = torch.cat([torch.full((9, 1), null), sims], 1) / clf.temperature
+        pt, pi = lt.softmax(-1)[:, 1:], li.softmax(-1)[:, 1:]
+        w = torch.full((4,), heads.ensemble_lambda)
+        w[2:] = 1 - heads.ensemble_lambda
+    assert torch.allclose(got, pt.clamp_min(1e-12) ** w * pi.clamp_min(1e-12) ** (1 - w), atol=1e-6)
+    # the null only takes probability away, most from the regions that resemble no name
+    assert (got <= plain + 1e-6).all()
+    best, col = sims.max(1)
+    rows = torch.arange(9)
+    ratio = got[rows, col] / plain[rows, col]  # at each region's nearest name
+    weak, strong = best < null - 0.05, best > null + 0.05
+    assert weak.any() and strong.any()
+    assert (ratio[weak] < 0.35).all() and (ratio[strong] > 0.95).all(), (best - null, ratio)
 
 
 def test_region_mean_is_measured_on_proposals_and_travels_in_a_checkpoint_entry():

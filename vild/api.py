@@ -125,6 +125,9 @@ class Detector:
     for each region, hidden: a region showing one of them is not forced onto the nearest name asked for.
     ``confidence``: show the calibrated confidences of the checkpoint's fit (default: when it has one), so that
     a shown 0.8 means about 8 in 10 such boxes were right on held-out images (``vild.engine.calibration``).
+    ``abstain``: ViLD-ensemble's image head scores against a null of the checkpoint's calibrated similarity, so that
+    regions resembling none of the names score low (default: when the checkpoint has one; see
+    ``ViLDRoIHeads.class_scores``).
     ``text_cache_size`` bounds the text embeddings kept in memory (least recently used vocabularies go first);
     ``training_embeddings`` [len(training_vocabulary), D] spares embedding the training names.
     """
@@ -134,7 +137,8 @@ class Detector:
                  vocabulary: Optional[VocabLike] = None, score_thresh: Optional[float] = None,
                  max_dets: Optional[int] = None, batch_size: int = 4, per_class_nms: bool = False,
                  reference_vocabulary: bool = True, objectness_weight: Optional[float] = None,
-                 centering: Optional[float] = None, confidence: Optional[bool] = None, text_cache_size: int = 64,
+                 centering: Optional[float] = None, confidence: Optional[bool] = None,
+                 abstain: Optional[bool] = None, text_cache_size: int = 64,
                  training_embeddings: Optional[torch.Tensor] = None):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -150,6 +154,8 @@ class Detector:
         self.centering = DISPLAY_CENTERING if centering is None else float(centering)
         # calibrated confidences are shown when the checkpoint has a fit (from_checkpoint), unless asked otherwise
         self.confidence = confidence
+        # ViLD-ensemble's image head abstains when the checkpoint has a calibrated null similarity (from_checkpoint)
+        self.abstain = abstain
         # the threshold for showing detections to people: the checkpoint's calibrated one, else the variant's
         self.display_score_thresh = default_score_thresh(cfg.MODEL.VILD.VARIANT)
         # the training names' text embeddings (hidden competitors): embedded on first use unless given
@@ -185,6 +191,8 @@ class Detector:
         calibration = ckpt.data.get("calibration") or {}
         if det.confidence is None:
             det.confidence = calibration.get("confidence") is not None
+        if det.abstain is None:
+            det.abstain = calibration.get("image_null") is not None
         # with a confidence fit, "score_thresh" is a confidence and "raw_score_thresh" the raw scores' own threshold
         key = "raw_score_thresh" if not det.confidence and "raw_score_thresh" in calibration else "score_thresh"
         if key in calibration:
@@ -297,7 +305,7 @@ class Detector:
         settings = dataclasses.replace(self.model.roi_heads.test_settings, score_thresh=score_thresh,
                                        max_dets=max_dets, class_agnostic=not self.per_class_nms,
                                        objectness_weight=self.objectness_weight, centering=self.centering,
-                                       confidence=bool(self.confidence), masks=masks)
+                                       confidence=bool(self.confidence), abstain=bool(self.abstain), masks=masks)
         outputs = self.model([im.to(self.device) for im in images], settings=settings)
         names = self.names
         results = []

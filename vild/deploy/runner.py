@@ -198,7 +198,7 @@ class OnnxDetector(Detector):
         super().__init__(model, teacher, cfg_from_dict(json.loads(meta["cfg"])),
                          json.loads(meta["vocabulary"]) or None, device="cpu", per_class_nms=not fixed.class_agnostic,
                          objectness_weight=fixed.objectness_weight, centering=fixed.centering,
-                         confidence=fixed.confidence, training_embeddings=training, **kwargs)
+                         confidence=fixed.confidence, abstain=fixed.abstain, training_embeddings=training, **kwargs)
         if meta.get("display_score_thresh"):
             self.display_score_thresh = float(meta["display_score_thresh"])
 

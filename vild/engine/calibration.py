@@ -11,12 +11,15 @@
   (the text head learned them as background; ViLD-ensemble weighs its heads per group), so they get their
   own fit when the held-out images annotate such categories (the synthetic world's novel shapes, LVIS's
   rare ones), else the trained names' fit. Each map is monotone: it changes no ranking within a group.
+- ``image_null`` (ViLD-ensemble only): the similarity under which its image head abstains (see
+  ``ViLDRoIHeads.class_scores``): of the quantiles of the image head's best similarity over the held-out
+  images' proposals, the one whose display scores reach the best F1 on those images (every category named).
 - ``score_thresh``: the display threshold with the best F1 on the same images, as a confidence
   (``raw_score_thresh``: the best-F1 threshold of the raw display scores, for ``Detector(confidence=False)``).
   With the training names competing hidden (see ``ViLDRoIHeads._scoring_vocabulary``), what a subset of the
   names shows is what all of them show, restricted to the subset, so one threshold serves every vocabulary.
 
-``calibrate_checkpoint(path, train_images, val_images, val_targets, names)`` measures all three and
+``calibrate_checkpoint(path, train_images, val_images, val_targets, names)`` measures them all and
 writes them into the checkpoint.
 """
 from __future__ import annotations
@@ -67,10 +70,12 @@ def measure_region_mean(model: ViLD, images: Iterable[torch.Tensor], batch_size:
 
 
 def calibration_entry(region_mean: torch.Tensor, score_thresh: float | None = None,
-                      confidence: list[tuple[float, float]] | None = None) -> dict:
+                      confidence: list[tuple[float, float]] | None = None, image_null: float | None = None) -> dict:
     """What a checkpoint's "calibration" entry holds (plain lists: it loads with weights_only=True);
     ``confidence``: the (a, b) of trained names, then of the others."""
     entry = {"region_mean": region_mean.tolist()}
+    if image_null is not None:
+        entry["image_null"] = float(image_null)
     if score_thresh is not None:
         entry["score_thresh"] = float(score_thresh)
     if confidence is not None:
@@ -116,6 +121,47 @@ def fit_confidence(matched: list[tuple[float, bool]], steps: int = 200) -> tuple
     return a / float(sd), b - a * float(mu) / float(sd)
 
 
+# candidates for the image head's null similarity: quantiles of its best similarity over held-out proposals, most of
+# which show background or parts of objects (the null is to rank under the names of whole objects)
+IMAGE_NULL_QUANTILES = (0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
+
+
+@torch.no_grad()
+def image_similarities(detector, images: list[torch.Tensor], batch_size: int = 8) -> torch.Tensor:
+    """ViLD-ensemble's image-head similarity [N] to its nearest name (of ``detector``'s vocabulary, with its
+    centering) for every test-time proposal of ``images``."""
+    model = detector.model
+    heads = model.roi_heads
+    shift = detector.centering * heads.region_mean[1] if detector.centering else None
+    best = []
+    for i in range(0, len(images), batch_size):
+        prepared, _ = model.preprocessor([im.to(detector.device) for im in images[i:i + batch_size]])
+        rpn_features, features = model.extract_features(prepared.tensors)
+        proposals, *_ = model.rpn.propose(prepared, rpn_features)
+        emb, _ = heads.image_head(heads.box_pooler(features, proposals, prepared.image_sizes))
+        logits = heads.classifier(emb, with_background=False, shift=shift)
+        best.append((logits.float() * heads.classifier.temperature).max(dim=1).values.cpu())
+    return torch.cat(best)
+
+
+def fit_image_null(detector, images: list[torch.Tensor], targets: list[tuple[torch.Tensor, list[str]]],
+                   names: list[str], trained: set[str]) -> tuple[float, dict]:
+    """The image-head null similarity (one of ``IMAGE_NULL_QUANTILES`` of ``image_similarities``) whose display
+    scoring (``display_scoring``) has the best F1 on the annotated ``images`` with ``names`` asked for, and that
+    scoring; installs the null."""
+    detector.set_vocabulary(names)
+    sims = image_similarities(detector, images)
+    best: tuple[float, dict] = (float("nan"), {"f1": -1.0})
+    for q in IMAGE_NULL_QUANTILES:
+        null = float(torch.quantile(sims, q))
+        detector.model.roi_heads.image_null.fill_(null)
+        scoring = display_scoring(*display_matches(detector, images, targets, names), trained)
+        if scoring["f1"] > best[1]["f1"]:
+            best = (null, scoring)
+    detector.model.roi_heads.image_null.fill_(best[0])
+    return best
+
+
 # a group of names gets a fit of its own from this many held-out detections on
 MIN_GROUP_DETECTIONS = 50
 
@@ -133,31 +179,42 @@ def fit_group_confidence(matched: list[tuple[float, bool, str]], trained: set[st
     return [fits[0], fits[1] or fits[0]]
 
 
+def display_scoring(matched: list[tuple[float, bool, str]], num_objects: int, trained: set[str]) -> dict:
+    """From held-out (raw display score, matched, name) detections: the groups' ``confidence`` fits (or None), the
+    ``score_thresh`` with the best ``f1`` (as a confidence when there are fits) and ``raw_score_thresh``."""
+    from ..evaluation.matching import best_f1_threshold
+    raw_thresh, raw_f1 = best_f1_threshold(matched, num_objects)
+    fits = fit_group_confidence(matched, trained)
+    if fits is None:
+        return {"confidence": None, "score_thresh": raw_thresh, "f1": raw_f1}
+    fit = torch.tensor(fits, dtype=torch.float64)[[int(n not in trained) for _, _, n in matched]]  # [N, 2]
+    conf = to_confidence(torch.tensor([s for s, _, _ in matched], dtype=torch.float64), fit[:, 0], fit[:, 1])
+    thresh, f1 = best_f1_threshold([(c, hit) for c, (_, hit, _) in zip(conf.tolist(), matched)], num_objects)
+    return {"confidence": fits, "score_thresh": thresh, "f1": f1, "raw_score_thresh": raw_thresh}
+
+
 def calibrate_checkpoint(path: str, train_images: list[torch.Tensor], val_images: list[torch.Tensor],
                          val_targets: list[tuple[torch.Tensor, list[str]]], names: list[str]) -> dict:
-    """Measure the region mean on ``train_images``, then the confidence fits and display threshold on the
-    annotated ``val_images`` (``names``: every category they are annotated with); write them into the checkpoint."""
+    """Measure the region mean on ``train_images``, then (ViLD-ensemble) the image head's null, the confidence fits
+    and the display threshold on the annotated ``val_images`` (``names``: every category they are annotated with);
+    write them into the checkpoint."""
     from ..api import Detector
-    from ..evaluation.matching import best_f1_threshold
     from ..teacher.vocabulary import name_key
     from ..utils.atomic import atomic_save
     from .checkpoint import load_checkpoint
     det = Detector.from_checkpoint(path, device="cpu", confidence=False)  # the raw display scores
     det.model.roi_heads.region_mean.copy_(measure_region_mean(det.model, train_images))
-    matched, num_objects = display_matches(det, val_images, val_targets, names)
-    raw_thresh, raw_f1 = best_f1_threshold(matched, num_objects)
     trained = {n for n in names if name_key(n) in det.training_keys}
-    fits = fit_group_confidence(matched, trained)
-    extra = {"f1": raw_f1}
-    thresh = raw_thresh
-    if fits is not None:  # the threshold as a confidence (shown by default); the raw one for raw scores
-        fit = torch.tensor(fits, dtype=torch.float64)[[int(n not in trained) for _, _, n in matched]]  # [N, 2]
-        conf = to_confidence(torch.tensor([s for s, _, _ in matched], dtype=torch.float64), fit[:, 0], fit[:, 1])
-        thresh, extra["f1"] = best_f1_threshold([(c, hit) for c, (_, hit, _) in zip(conf.tolist(), matched)],
-                                                num_objects)
-        extra["raw_score_thresh"] = raw_thresh
+    image_null = None
+    if det.model.roi_heads.image_head is not None:
+        det.abstain = True
+        image_null, scoring = fit_image_null(det, val_images, val_targets, names, trained)
+    else:
+        scoring = display_scoring(*display_matches(det, val_images, val_targets, names), trained)
     ckpt = load_checkpoint(path)
-    ckpt["calibration"] = {**calibration_entry(det.model.roi_heads.region_mean.cpu(), thresh, fits), **extra}
+    fits = scoring.pop("confidence")
+    ckpt["calibration"] = {**calibration_entry(det.model.roi_heads.region_mean.cpu(), scoring.pop("score_thresh"),
+                                               fits, image_null), **scoring}
     atomic_save(ckpt, path)
     return ckpt["calibration"]
 
@@ -174,6 +231,8 @@ def apply_calibration(model: ViLD, entry: dict | None) -> bool:
     if entry.get("confidence") is not None:  # [a, b] for every name, or one row per group
         fit = torch.tensor(entry["confidence"], dtype=torch.float32)
         model.roi_heads.confidence_fit.copy_(fit.expand_as(model.roi_heads.confidence_fit))
+    if entry.get("image_null") is not None:
+        model.roi_heads.image_null.fill_(float(entry["image_null"]))
     return True
 
 

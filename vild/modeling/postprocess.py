@@ -18,6 +18,8 @@ class DetectionSettings:
     ``centering`` subtracts that share of the mean region embedding before the text dot products
     (``TextClassifier.forward``). ``confidence``: show scores as the calibrated confidences of the model's
     ``confidence_fit`` (``ViLDRoIHeads.confidence``); the threshold is then a confidence too.
+    ``abstain``: ViLD-ensemble's image head scores a region over the names and a null of the model's
+    calibrated ``image_null`` similarity (``ViLDRoIHeads.class_scores``).
     ``masks``: predict masks (for models that have a mask head).
     """
 
@@ -29,6 +31,7 @@ class DetectionSettings:
     objectness_weight: float = 0.0
     centering: float = 0.0
     confidence: bool = False
+    abstain: bool = False
     masks: bool = True
 
     def __post_init__(self):

@@ -26,7 +26,8 @@ from .postprocess import (DetectionSettings, clip_boxes_per_image, select_detect
                           to_confidence)
 from .sampling import batched_box_iou, box_valid, pad_boxes, sample_balanced, sampled_rows
 
-VARIANTS = ("text", "vild", "ensemble", "fvlm")  # fvlm trains as text (see fvlm.py)
+VARIANTS = ("text", "vild", "ensemble", "fvlm")
+NO_IMAGE_NULL = -10.0  # an image-head null similarity that takes no probability (similarities lie in [-2, 2])  # fvlm trains as text (see fvlm.py)
 
 
 class SampledRoIs(NamedTuple):
@@ -72,6 +73,9 @@ class ViLDRoIHeads(nn.Module):
         # (a, b) of the display score's confidence map σ(a · log s + b) for names seen in training (row 0) and the
         # others (row 1), fitted by the same calibration
         self.register_buffer("confidence_fit", torch.zeros(2, 2), persistent=False)
+        # ViLD-ensemble: the similarity under which the image head abstains (``class_scores``), fitted by the same
+        # calibration; NO_IMAGE_NULL until then, far under any similarity, so that the null takes no probability
+        self.register_buffer("image_null", torch.tensor(NO_IMAGE_NULL), persistent=False)
 
     @property
     def mask_on(self) -> bool:
@@ -201,6 +205,13 @@ class ViLDRoIHeads(nn.Module):
         ``settings.objectness_weight`` (w): p^(1-w) · o^w, a geometric mean. The objectness is
         class-agnostic and learned from every annotated box, so it stays meaningful for names never
         trained on, while the softmax over a few names is forced to pick one of them for any region.
+
+        ViLD-ensemble's image head has no background: its softmax over the names hands a region that shows
+        none of them (a part of an object, clutter) to the nearest name, and the ensemble weighs that head
+        most for the names never trained on. With ``settings.abstain`` a null of similarity ``image_null``
+        (calibrated on held-out images) competes too and is dropped: a name then keeps about
+        σ((s − image_null) / τ) of a region whose similarity s it dominates, an absolute score, as
+        OWL-ViT's sigmoid scores are, that does not grow as the vocabulary shrinks.
         """
         st = settings or self.test_settings
         vocab = self.classifier.vocabulary_for(vocabulary)
@@ -210,8 +221,12 @@ class ViLDRoIHeads(nn.Module):
         scores = F.softmax(self.classifier(emb, shift=shift[0], vocabulary=vocab).float(), dim=-1)[:, 1:k + 1]
         if self.image_head is not None:
             img_emb, _ = self.image_head(pooled)
-            p_image = F.softmax(self.classifier(img_emb, with_background=False, shift=shift[1],
-                                                vocabulary=vocab).float(), dim=-1)[:, :k]
+            logits = self.classifier(img_emb, with_background=False, shift=shift[1], vocabulary=vocab).float()
+            if st.abstain:
+                null = (self.image_null.float() / self.classifier.temperature).expand(logits.shape[0], 1)
+                p_image = F.softmax(torch.cat([null, logits], dim=1), dim=-1)[:, 1:k + 1]
+            else:
+                p_image = F.softmax(logits, dim=-1)[:, :k]
             scores = ensemble_scores(scores, p_image, vocab.base_mask, self.ensemble_lambda)
         w = st.objectness_weight
         if w > 0 and objectness is not None:
