@@ -111,6 +111,40 @@ def test_abstaining_image_head_scores_against_a_null_similarity():
     assert (ratio[weak] < 0.35).all() and (ratio[strong] > 0.95).all(), (best - null, ratio)
 
 
+@pytest.mark.parametrize("helps", [True, False])
+def test_image_null_is_the_held_out_best_quantile_or_none(monkeypatch, helps):
+    import vild.engine.calibration as cal
+    from vild.modeling.roi_heads import NO_IMAGE_NULL
+    model, heads, _, _ = _ensemble_heads(4)
+
+    class Det:  # what fit_image_null uses of a Detector
+        abstain = None
+
+    det = Det()
+    det.model = model
+    sims = torch.linspace(0.0, 1.0, 101)
+    target = float(torch.quantile(sims, 0.9))
+
+    def matches(detector, images, targets, names):
+        # 10 objects; the null nearest 0.9's quantile keeps 8 right boxes and 1 wrong, without abstention 6 right
+        # and 4 wrong (or, when abstaining does not help, 9 right and none wrong)
+        null = float(heads.image_null) if detector.abstain else None
+        if null is None:
+            right, wrong = (6, 4) if helps else (9, 0)
+        else:
+            right, wrong = (8, 1) if abs(null - target) < 1e-6 else (5, 5)
+        return [(0.9, True, "star")] * right + [(0.8, False, "star")] * wrong, 10
+
+    monkeypatch.setattr(cal, "display_matches", matches)
+    monkeypatch.setattr(cal, "image_similarities", lambda detector, images: sims)
+    null, scoring = cal.fit_image_null(det, [], [], ["star"], set())
+    if helps:
+        assert null == pytest.approx(target) and det.abstain and float(heads.image_null) == pytest.approx(target)
+        assert scoring["f1"] == pytest.approx(2 * 8 / (8 + 10))  # the threshold drops the wrong box
+    else:
+        assert null is None and not det.abstain and float(heads.image_null) == NO_IMAGE_NULL
+
+
 def test_region_mean_is_measured_on_proposals_and_travels_in_a_checkpoint_entry():
     from vild.engine.calibration import apply_calibration, calibration_entry, measure_region_mean
     model = tiny_model("vild")

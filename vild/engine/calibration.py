@@ -13,7 +13,8 @@
   rare ones), else the trained names' fit. Each map is monotone: it changes no ranking within a group.
 - ``image_null`` (ViLD-ensemble only): the similarity under which its image head abstains (see
   ``ViLDRoIHeads.class_scores``): of the quantiles of the image head's best similarity over the held-out
-  images' proposals, the one whose display scores reach the best F1 on those images (every category named).
+  images' proposals, the one whose display scores reach the best F1 on those images (every category named);
+  absent when no abstention scores better.
 - ``score_thresh``: the display threshold with the best F1 on the same images, as a confidence
   (``raw_score_thresh``: the best-F1 threshold of the raw display scores, for ``Detector(confidence=False)``).
   With the training names competing hidden (see ``ViLDRoIHeads._scoring_vocabulary``), what a subset of the
@@ -29,6 +30,7 @@ from typing import Iterable
 import torch
 
 from ..modeling.postprocess import to_confidence
+from ..modeling.roi_heads import NO_IMAGE_NULL
 from ..modeling.vild import ViLD
 
 
@@ -145,20 +147,22 @@ def image_similarities(detector, images: list[torch.Tensor], batch_size: int = 8
 
 
 def fit_image_null(detector, images: list[torch.Tensor], targets: list[tuple[torch.Tensor, list[str]]],
-                   names: list[str], trained: set[str]) -> tuple[float, dict]:
-    """The image-head null similarity (one of ``IMAGE_NULL_QUANTILES`` of ``image_similarities``) whose display
-    scoring (``display_scoring``) has the best F1 on the annotated ``images`` with ``names`` asked for, and that
-    scoring; installs the null."""
-    detector.set_vocabulary(names)
+                   names: list[str], trained: set[str]) -> tuple[float | None, dict]:
+    """The image-head null similarity (one of ``IMAGE_NULL_QUANTILES`` of ``image_similarities``, or None for no
+    abstention) whose display scoring (``display_scoring``) has the best F1 on the annotated ``images`` with
+    ``names`` asked for, and that scoring; leaves ``detector`` scoring with it."""
+    detector.abstain = False
+    best = (None, display_scoring(*display_matches(detector, images, targets, names), trained))
     sims = image_similarities(detector, images)
-    best: tuple[float, dict] = (float("nan"), {"f1": -1.0})
-    for q in IMAGE_NULL_QUANTILES:
+    detector.abstain = True
+    for q in IMAGE_NULL_QUANTILES if len(sims) else ():
         null = float(torch.quantile(sims, q))
         detector.model.roi_heads.image_null.fill_(null)
         scoring = display_scoring(*display_matches(detector, images, targets, names), trained)
         if scoring["f1"] > best[1]["f1"]:
             best = (null, scoring)
-    detector.model.roi_heads.image_null.fill_(best[0])
+    detector.abstain = best[0] is not None
+    detector.model.roi_heads.image_null.fill_(NO_IMAGE_NULL if best[0] is None else best[0])
     return best
 
 
@@ -207,7 +211,6 @@ def calibrate_checkpoint(path: str, train_images: list[torch.Tensor], val_images
     trained = {n for n in names if name_key(n) in det.training_keys}
     image_null = None
     if det.model.roi_heads.image_head is not None:
-        det.abstain = True
         image_null, scoring = fit_image_null(det, val_images, val_targets, names, trained)
     else:
         scoring = display_scoring(*display_matches(det, val_images, val_targets, names), trained)
