@@ -26,8 +26,8 @@ from .postprocess import (DetectionSettings, clip_boxes_per_image, select_detect
                           to_confidence)
 from .sampling import batched_box_iou, box_valid, pad_boxes, sample_balanced, sampled_rows
 
-VARIANTS = ("text", "vild", "ensemble", "fvlm")
-NO_IMAGE_NULL = -10.0  # an image-head null similarity that takes no probability (similarities lie in [-2, 2])  # fvlm trains as text (see fvlm.py)
+VARIANTS = ("text", "vild", "ensemble", "fvlm")  # fvlm trains as text (see fvlm.py)
+NO_IMAGE_NULL = -10.0  # an image-head null similarity that takes no probability (similarities lie in [-2, 2])
 
 
 class SampledRoIs(NamedTuple):
