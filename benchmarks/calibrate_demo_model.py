@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -29,15 +30,23 @@ from vild.utils.atomic import atomic_save  # noqa: E402
 
 
 def recalibrate(weights: Path, world: dict, scratch: Path) -> dict:
-    """Drop ``weights``' calibration and measure it again on the demo world; returns the new entry."""
+    """Measure ``weights``' calibration again on the demo world, its old one dropped; returns the new entry.
+
+    The checkpoint is replaced only once the new calibration is written: a failed run leaves it as it was."""
     ckpt = load_checkpoint(weights)
     variant = ckpt["cfg"]["MODEL"]["VILD"]["VARIANT"]
     # the checkpoint names its teacher by file name: the demo config takes the one beside it
     cfg = demo_config(scratch, DemoSettings(), world, weights.parent / ckpt["cfg"]["TEACHER"]["PRETRAINED"], variant,
                       "lvis", None)
     ckpt.pop("calibration", None)
-    atomic_save(ckpt, weights)
-    return calibrate_from_config(cfg, str(weights))
+    work = weights.with_name(f".{weights.stem}.calibrating{weights.suffix}")  # beside it: it finds the teacher there
+    try:
+        atomic_save(ckpt, work)
+        entry = calibrate_from_config(cfg, str(work))
+        os.replace(work, weights)
+    finally:
+        work.unlink(missing_ok=True)
+    return entry
 
 
 def main(argv: list[str] | None = None) -> dict:

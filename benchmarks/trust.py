@@ -92,8 +92,9 @@ def measure(weights: str, world: dict, other_worlds: dict[int, dict]) -> dict:
     det = Detector.from_checkpoint(weights, device="cpu", max_dets=100)
     det.score_thresh = det.display_score_thresh
     abstains = bool(det.abstain)  # the display scoring's, before the plain settings below turn it off
-    row = {"weights": weights, "variant": det.variant, "abstains": abstains, "calibrated": det.display_score_thresh != default_score_thresh(
-        det.variant), "defaults": shown(det, world, gt), "defaults_other_worlds": {}}
+    row = {"weights": weights, "variant": det.variant, "abstains": abstains,
+           "calibrated": det.display_score_thresh != default_score_thresh(det.variant),
+           "defaults": shown(det, world, gt), "defaults_other_worlds": {}}
     for seed, other in other_worlds.items():
         other_gt = json.loads(Path(other["coco_val"]).read_text())
         row["defaults_other_worlds"][str(seed)] = shown(det, other, other_gt, all_names=False)

@@ -4,9 +4,8 @@ never saw a box of, and what they show at vild-detect's defaults is mostly real.
 The models were trained on base shapes only by ``vild-demo --iters 3000 --train-teacher --teacher-steps 3000``,
 calibrated by it (region mean, confidence, display threshold) and exported with ``--export tests/assets/demo_model``;
 the ensemble's calibration, its image head's null included, comes from ``benchmarks/calibrate_demo_model.py`` on the
-same images;
-these images come from a world with another seed, so the models have seen none of them. benchmarks/trust.py
-measures the same on 60-image worlds of seeds 11, 5 and this one (2026).
+same held-out images. The images here come from a world with another seed, so the models have seen none of them;
+benchmarks/trust.py measures the same on 60-image worlds of seeds 11, 5 and this one (2026).
 """
 import json
 from pathlib import Path

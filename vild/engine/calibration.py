@@ -25,7 +25,8 @@ writes them into the checkpoint.
 """
 from __future__ import annotations
 
-from typing import Iterable
+import itertools
+from typing import Iterable, Iterator
 
 import torch
 
@@ -35,37 +36,35 @@ from ..modeling.vild import ViLD
 
 
 @torch.no_grad()
-def measure_region_mean(model: ViLD, images: Iterable[torch.Tensor], batch_size: int = 8) -> torch.Tensor:
-    """Mean embedding [2, D] (text head, image head or zeros) of the RPN's test-time proposals over ``images``."""
+def proposal_features(model: ViLD, images: Iterable[torch.Tensor], batch_size: int = 8) -> Iterator[torch.Tensor]:
+    """Pooled box features [R, C, S, S] of the RPN's test-time proposals, ``batch_size`` of ``images`` at a time
+    (the model in eval mode until the last batch is out)."""
     was_training = model.training
     model.eval()
     heads = model.roi_heads
+    device = heads.region_mean.device
+    images = iter(images)
+    try:
+        while batch := list(itertools.islice(images, batch_size)):
+            prepared, _ = model.preprocessor([im.to(device) for im in batch])
+            rpn_features, features = model.extract_features(prepared.tensors)
+            proposals, *_ = model.rpn.propose(prepared, rpn_features)
+            yield heads.box_pooler(features, proposals, prepared.image_sizes)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def measure_region_mean(model: ViLD, images: Iterable[torch.Tensor], batch_size: int = 8) -> torch.Tensor:
+    """Mean embedding [2, D] (text head, image head or zeros) of the RPN's test-time proposals over ``images``."""
+    heads = model.roi_heads
     total = torch.zeros(2, model.embed_dim, dtype=torch.float64)
     count = 0
-    batch: list[torch.Tensor] = []
-
-    def flush() -> None:
-        nonlocal count
-        device = heads.region_mean.device
-        prepared, _ = model.preprocessor([im.to(device) for im in batch])
-        rpn_features, features = model.extract_features(prepared.tensors)
-        proposals, *_ = model.rpn.propose(prepared, rpn_features)
-        pooled = heads.box_pooler(features, proposals, prepared.image_sizes)
+    for pooled in proposal_features(model, images, batch_size):
         total[0] += heads.text_head(pooled)[0].double().sum(0).cpu()
         if heads.image_head is not None:
             total[1] += heads.image_head(pooled)[0].double().sum(0).cpu()
         count += len(pooled)
-        batch.clear()
-
-    try:
-        for im in images:
-            batch.append(im)
-            if len(batch) == batch_size:
-                flush()
-        if batch:
-            flush()
-    finally:
-        model.train(was_training)
     if count == 0:
         raise ValueError("no proposals to measure: pass images the model finds regions in")
     return (total / count).float()
@@ -129,21 +128,17 @@ IMAGE_NULL_QUANTILES = (0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
 
 
 @torch.no_grad()
-def image_similarities(detector, images: list[torch.Tensor], batch_size: int = 8) -> torch.Tensor:
+def image_similarities(detector, images: list[torch.Tensor]) -> torch.Tensor:
     """ViLD-ensemble's image-head similarity [N] to its nearest name (of ``detector``'s vocabulary, with its
     centering) for every test-time proposal of ``images``."""
-    model = detector.model
-    heads = model.roi_heads
+    heads = detector.model.roi_heads
     shift = detector.centering * heads.region_mean[1] if detector.centering else None
     best = []
-    for i in range(0, len(images), batch_size):
-        prepared, _ = model.preprocessor([im.to(detector.device) for im in images[i:i + batch_size]])
-        rpn_features, features = model.extract_features(prepared.tensors)
-        proposals, *_ = model.rpn.propose(prepared, rpn_features)
-        emb, _ = heads.image_head(heads.box_pooler(features, proposals, prepared.image_sizes))
+    for pooled in proposal_features(detector.model, images):
+        emb, _ = heads.image_head(pooled)
         logits = heads.classifier(emb, with_background=False, shift=shift)
         best.append((logits.float() * heads.classifier.temperature).max(dim=1).values.cpu())
-    return torch.cat(best)
+    return torch.cat(best) if best else torch.zeros(0)
 
 
 def fit_image_null(detector, images: list[torch.Tensor], targets: list[tuple[torch.Tensor, list[str]]],
@@ -154,9 +149,10 @@ def fit_image_null(detector, images: list[torch.Tensor], targets: list[tuple[tor
     detector.abstain = False
     best = (None, display_scoring(*display_matches(detector, images, targets, names), trained))
     sims = image_similarities(detector, images)
+    # quantiles of tied similarities coincide: each distinct null is scored once
+    nulls = dict.fromkeys(torch.quantile(sims, torch.tensor(IMAGE_NULL_QUANTILES)).tolist()) if len(sims) else {}
     detector.abstain = True
-    for q in IMAGE_NULL_QUANTILES if len(sims) else ():
-        null = float(torch.quantile(sims, q))
+    for null in nulls:
         detector.model.roi_heads.image_null.fill_(null)
         scoring = display_scoring(*display_matches(detector, images, targets, names), trained)
         if scoring["f1"] > best[1]["f1"]:
