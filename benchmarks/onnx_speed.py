@@ -51,11 +51,15 @@ def demo_figure(work: Path, args) -> dict:
     load = os.getloadavg()[0]
     times = interleaved({"torch": lambda: ref.predict(images), "onnxruntime": lambda: det.predict(images)},
                         torch.device("cpu"), args.demo_repeats, args.warmup, label="demo")
-    a, b = ref.predict(images[:4]), det.predict(images[:4])
-    same = all(torch.equal(x.labels, y.labels) for x, y in zip(a, b))
+    # parity at the threshold users see: far below it the saturated class probabilities tie, and which tied box
+    # survives NMS depends on the order candidates come in, which the two runtimes do not share
+    shown = ref.display_score_thresh
+    a, b = ref.predict(images[:4], score_thresh=shown), det.predict(images[:4], score_thresh=shown)
+    same = all(len(x) == len(y) and torch.equal(x.labels, y.labels) and
+               (not len(x) or (x.boxes - y.boxes).abs().max() <= 1.0) for x, y in zip(a, b))
     return {"model": "tests/assets/demo_model (tiny CNN-FPN, 128 px)", "images": len(images), "batch_size": 4,
             "categories": len(ref.names), "score_thresh": ref.score_thresh, "max_dets": ref.max_dets,
-            "same_labels_on_4_images": same, "load_avg_before": load, **_rates(times, len(images))}
+            "same_detections_at_display_threshold_on_4_images": same, "load_avg_before": load, **_rates(times, len(images))}
 
 
 def r50_figure(work: Path, args) -> dict:

@@ -2,6 +2,7 @@
 
 The demo model is exported once per module; every parity check feeds that one file other vocabularies.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -59,9 +60,15 @@ def held_out(tmp_path_factory) -> list[torch.Tensor]:
     return images + [torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous() for im in (big, small)]
 
 
+# far under the display threshold (0.36), over the tail where the class probabilities, saturated, clamp alike for
+# every non-winning class of a proposal: which of such exact ties survives NMS depends on the order candidates
+# come in, which PyTorch and onnxruntime do not share
+PARITY_THRESH = 0.01
+
+
 @pytest.fixture(scope="module")
 def torch_detector() -> Detector:
-    return Detector.from_checkpoint(ASSET, device="cpu", score_thresh=0.001)
+    return Detector.from_checkpoint(ASSET, device="cpu", score_thresh=PARITY_THRESH)
 
 
 def _mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -71,7 +78,7 @@ def _mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def test_onnx_matches_pytorch_on_held_out_images_with_two_vocabularies(exported, held_out, torch_detector):
-    onnx_det = OnnxDetector(exported["model"], score_thresh=0.001, batch_size=4)
+    onnx_det = OnnxDetector(exported["model"], score_thresh=PARITY_THRESH, batch_size=4)
     assert len(held_out) >= 10
     total = 0
     for vocab in (VOCAB_A, VOCAB_B):
@@ -105,7 +112,6 @@ def _assert_same_detections(r, g) -> None:
 
 @pytest.mark.parametrize("abstain", [False, True])
 def test_ensemble_export_takes_base_mask(tmp_path, abstain):
-    import dataclasses
     cfg = load_config("tiny_test.yaml", ["MODEL.VILD.VARIANT", "ensemble"])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
@@ -140,28 +146,36 @@ def _session(path):
 
 
 def test_padded_inference_path_equals_the_model_forward(torch_detector, held_out):
-    """propose_padded and forward_test_padded (the exported path) against propose and forward_test, eagerly."""
+    """propose_padded and forward_test_padded (the exported path) against propose and forward_test, eagerly, under
+    the display score ``Detector`` uses. The RPN's objectness is part of that score: the plain class probability
+    of a confident model saturates at 1.0 for several proposals on one object, and which of such exact ties
+    survives NMS depends on the order the candidates come in, which the two paths do not share."""
     model = torch_detector.model
     torch_detector.set_vocabulary(VOCAB_B)
-    images = held_out[-4:]  # two 128 px images, one shrunk, one enlarged: a padded batch of mixed sizes
+    heads = model.roi_heads
+    # the raw display score (no confidence map), over a floor: the class probabilities of this model saturate, so
+    # under 1e-6 every non-winning class of a proposal scores alike (its clamp times the objectness)
+    settings = dataclasses.replace(heads.test_settings, objectness_weight=torch_detector.objectness_weight,
+                                   centering=torch_detector.centering, score_thresh=1e-5)
+    images = held_out  # 128 px images, one shrunk, one enlarged: a padded batch of mixed sizes
     with torch.no_grad():
         batch, _ = model.preprocessor(images)
         features = model.backbone(batch.tensors)
         sizes = torch.tensor(batch.image_sizes)
-        proposals, _, _ = model.rpn(batch, features)
+        proposals, scores, _ = model.rpn(batch, features)
         padded, objectness = model.rpn.propose_padded(batch.tensors, sizes, features)
-        ref = model.roi_heads.forward_test(features, proposals, batch.image_sizes)
-        heads = model.roi_heads
-        out = heads.forward_test_padded(features, padded, sizes, heads.test_settings.score_thresh,
-                                          heads.test_settings.max_dets)
+        ref = heads.forward_test(features, proposals, batch.image_sizes, objectness=scores, settings=settings)
+        out = heads.forward_test_padded(features, padded, sizes, settings.score_thresh, settings.max_dets,
+                                        objectness=objectness, settings=settings)
     for i, (p, r) in enumerate(zip(proposals, ref)):
         assert torch.equal(padded[i, :len(p)], p) and not padded[i, len(p):].any()
-        assert (objectness[i, :len(p)] > 0).all()
+        assert torch.allclose(objectness[i, :len(p)], scores[i]) and (scores[i] > 0).all()
         sel = out["batch_index"] == i
         assert torch.equal(out["labels"][sel], r["labels"])
         assert torch.allclose(out["boxes"][sel], r["boxes"], atol=1e-4)
         assert torch.allclose(out["scores"][sel], r["scores"], atol=1e-6)
         assert torch.allclose(out["mask_probs"][sel], r["mask_probs"], atol=1e-5)
+    assert sum(len(r["labels"]) for r in ref) > 10
 
 
 @pytest.mark.parametrize("topk,thresh,agnostic", [(0, 0.0, False), (0, 0.3, False), (200, 0.0, False),

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None, results_dir: str | None = None, picture:
     p.add_argument("--iters", type=int, default=0, help="training iterations per detector (default: DemoSettings)")
     p.add_argument("--export", default="",
                    help="after the run, copy the ViLD and ViLD-ensemble models (fp16) and the teacher here "
-                        "(tests/assets/demo_model: --iters 3000 --train-teacher --teacher-steps 3000 "
+                        "(tests/assets/demo_model: --iters 6000 --train-teacher --teacher-steps 3000 "
                         "--export tests/assets/demo_model)")
     p.add_argument("--train-teacher", action="store_true",
                    help="pretrain the tiny CLIP teacher here instead of starting from the shipped one")
