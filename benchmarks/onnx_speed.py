@@ -59,7 +59,8 @@ def demo_figure(work: Path, args) -> dict:
                (not len(x) or (x.boxes - y.boxes).abs().max() <= 1.0) for x, y in zip(a, b))
     return {"model": "tests/assets/demo_model (tiny CNN-FPN, 128 px)", "images": len(images), "batch_size": 4,
             "categories": len(ref.names), "score_thresh": ref.score_thresh, "max_dets": ref.max_dets,
-            "same_detections_at_display_threshold_on_4_images": same, "load_avg_before": load, **_rates(times, len(images))}
+            "same_detections_at_display_threshold_on_4_images": same, "load_avg_before": load,
+            **_rates(times, len(images))}
 
 
 def r50_figure(work: Path, args) -> dict:

@@ -155,8 +155,7 @@ def test_padded_inference_path_equals_the_model_forward(torch_detector, held_out
     heads = model.roi_heads
     # the raw display score (no confidence map), over a floor: the class probabilities of this model saturate, so
     # under 1e-6 every non-winning class of a proposal scores alike (its clamp times the objectness)
-    settings = dataclasses.replace(heads.test_settings, objectness_weight=torch_detector.objectness_weight,
-                                   centering=torch_detector.centering, score_thresh=1e-5)
+    settings = torch_detector.display_settings(class_agnostic=False, confidence=False, score_thresh=1e-5)
     images = held_out  # 128 px images, one shrunk, one enlarged: a padded batch of mixed sizes
     with torch.no_grad():
         batch, _ = model.preprocessor(images)

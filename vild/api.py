@@ -7,7 +7,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from .engine.distributed import resolve_device
 from .io import to_image_tensor
 from .teacher import CLIPTeacher, parse_vocabulary
 from .teacher.vocabulary import VocabLike, dedupe_case_insensitive, name_key
+
+if TYPE_CHECKING:
+    from .modeling.postprocess import DetectionSettings
 
 # Scoring shown to people (see DetectionSettings); the evaluation keeps the config's. The geometric mean
 # with the RPN's objectness keeps regions that are no object (clutter, parts of objects) low for any name;
@@ -282,6 +285,14 @@ class Detector:
                                     max_dets=max_dets, masks=masks)
         return results[0] if single else results
 
+    def display_settings(self, **overrides: Any) -> DetectionSettings:
+        """The model's test settings with this detector's way of showing detections (one label per box unless
+        ``per_class_nms``, objectness, centering, confidence, abstention); ``overrides`` replace any field."""
+        return dataclasses.replace(self.model.roi_heads.test_settings, **{
+            "class_agnostic": not self.per_class_nms, "objectness_weight": self.objectness_weight,
+            "centering": self.centering, "confidence": bool(self.confidence), "abstain": bool(self.abstain),
+            **overrides})
+
     @torch.no_grad()  # not inference_mode: results must stay ordinary tensors that callers may edit in place
     def predict(self, images: list[torch.Tensor], sources: Optional[list[Optional[str]]] = None, *,
                 score_thresh: Optional[float] = None, max_dets: Optional[int] = None,
@@ -302,10 +313,7 @@ class Detector:
         if not images:
             return []
         # thresholding inside the model spares the mask head the detections that would be dropped
-        settings = dataclasses.replace(self.model.roi_heads.test_settings, score_thresh=score_thresh,
-                                       max_dets=max_dets, class_agnostic=not self.per_class_nms,
-                                       objectness_weight=self.objectness_weight, centering=self.centering,
-                                       confidence=bool(self.confidence), abstain=bool(self.abstain), masks=masks)
+        settings = self.display_settings(score_thresh=score_thresh, max_dets=max_dets, masks=masks)
         outputs = self.model([im.to(self.device) for im in images], settings=settings)
         names = self.names
         results = []

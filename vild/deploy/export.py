@@ -171,11 +171,7 @@ def export_checkpoint(weights: Union[str, os.PathLike], out: Union[str, os.PathL
     from ..api import Detector
 
     det = Detector.from_checkpoint(weights, device="cpu")
-    # the graph scores as the Detector shows detections: one label per box, objectness, centering, confidence,
-    # the image head's abstention
-    settings = dataclasses.replace(det.model.roi_heads.test_settings, class_agnostic=not det.per_class_nms,
-                                   objectness_weight=det.objectness_weight, centering=det.centering,
-                                   confidence=bool(det.confidence), abstain=bool(det.abstain))
+    settings = det.display_settings()  # the graph scores as the Detector shows detections
     training = det.teacher.encode_text(det.training_vocabulary) if det.training_vocabulary else None
     written = [export_detector(det.model, out, det.cfg, det.training_vocabulary, det.teacher.identity, settings,
                                det.display_score_thresh, training)]
